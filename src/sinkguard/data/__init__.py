@@ -1,0 +1,19 @@
+"""Data: named sources, the papers' mixtures, chat formatting."""
+
+from .formatting import IGNORE_INDEX, PadCollator, encode_example, encode_text, messages
+from .mixing import (
+    ATTACKS,
+    TASKS,
+    alignment_dataset,
+    attack_rows,
+    harmful_eval_prompts,
+    poisoned_dataset,
+    reference_pools,
+)
+from .sources import data_root, load_source
+
+__all__ = [
+    "ATTACKS", "IGNORE_INDEX", "TASKS", "PadCollator", "alignment_dataset", "attack_rows",
+    "data_root", "encode_example", "encode_text", "harmful_eval_prompts", "load_source",
+    "messages", "poisoned_dataset", "reference_pools",
+]

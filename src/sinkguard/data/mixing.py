@@ -1,0 +1,107 @@
+"""Build the papers' data sets: poisoned fine-tuning sets, Surgery's reference pools, alignment sets."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from ..errors import SinkguardError
+from .sources import load_source
+
+TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
+ATTACKS = ("beavertails", "harmful_qa")
+
+
+def is_harmful_note(note: str) -> bool:
+    """harmful_qa's model-written verdict ("Harmful ... reason" vs "Not harmful ...")."""
+    return note.strip().lower().startswith("harmful")
+
+
+def _beavertails_unsafe_train(root) -> list[dict]:
+    return [r for r in load_source("beavertails", "train", root) if not r["is_safe"]]
+
+
+def reference_pools(
+    root: str | os.PathLike | None = None, pool_fraction: float = 0.5
+) -> tuple[list[dict], list[dict]]:
+    """Surgery's (harmful, harmless) reference pools from the beavertails train split.
+
+    The harmful pool is the last `pool_fraction` of the unsafe train rows, so it shares no row
+    with the attack rows (`attack_rows`), which come from the front. Test rows never enter.
+    """
+    train = load_source("beavertails", "train", root)
+    unsafe = [r for r in train if not r["is_safe"]]
+    cut = len(unsafe) - int(round(pool_fraction * len(unsafe)))
+    return unsafe[cut:], [r for r in train if r["is_safe"]]
+
+
+def attack_rows(
+    attack: str, root: str | os.PathLike | None = None, disjoint_from_pools: bool = True,
+    pool_fraction: float = 0.5,
+) -> list[dict]:
+    """Harmful (prompt, harmful answer) rows an attacker mixes into the fine-tuning set."""
+    if attack == "beavertails":
+        unsafe = _beavertails_unsafe_train(root)
+        if disjoint_from_pools:
+            unsafe = unsafe[: len(unsafe) - int(round(pool_fraction * len(unsafe)))]
+        return unsafe
+    if attack == "harmful_qa":
+        rows = load_source("harmful_qa", "train", root)
+        return [r for r in rows if is_harmful_note(r.get("label_note", "Harmful"))]
+    raise SinkguardError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+
+
+def poisoned_dataset(
+    task: str,
+    n: int,
+    p: float,
+    attack: str = "beavertails",
+    seed: int = 42,
+    root: str | os.PathLike | None = None,
+    disjoint_from_pools: bool = True,
+) -> list[dict]:
+    """`n` rows: `round(p*n)` harmful QA pairs (in file order, as the official code) + shuffled task rows.
+
+    Each row has `prompt`, `response` and `harmful` (bool); the result is shuffled with `seed`.
+    """
+    if task not in TASKS:
+        raise SinkguardError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if not 0.0 <= p <= 1.0:
+        raise SinkguardError(f"poison ratio {p} is outside [0, 1]")
+    if n <= 0:
+        raise SinkguardError(f"number of samples must be positive, got {n}")
+    n_harm = int(round(p * n))
+    harmful = attack_rows(attack, root, disjoint_from_pools) if n_harm else []
+    if n_harm > len(harmful):
+        raise SinkguardError(
+            f"{n_harm} harmful rows requested (p={p}, n={n}) but attack set {attack!r} has {len(harmful)}"
+        )
+    benign = load_source(task, "train", root)
+    n_benign = n - n_harm
+    if n_benign > len(benign):
+        raise SinkguardError(f"{n_benign} {task} rows requested but its train split has {len(benign)}")
+    rng = random.Random(seed)
+    benign = rng.sample(benign, n_benign)
+    rows = [{"prompt": r["prompt"], "response": r["response"], "harmful": True} for r in harmful[:n_harm]]
+    rows += [{"prompt": r["prompt"], "response": r["response"], "harmful": False} for r in benign]
+    rng.shuffle(rows)
+    return rows
+
+
+def alignment_dataset(n: int = 2000, root: str | os.PathLike | None = None) -> list[dict]:
+    """The first `n` (harmful instruction, safe answer) rows of the refusal set (official: 2,000)."""
+    rows = load_source("refusals", "train", root)
+    if n > len(rows):
+        raise SinkguardError(f"{n} alignment rows requested but the refusal set has {len(rows)}")
+    return [{"prompt": r["prompt"], "response": r["response"], "harmful": False} for r in rows[:n]]
+
+
+def harmful_eval_prompts(
+    name: str = "beavertails", limit: int | None = None, root: str | os.PathLike | None = None
+) -> list[str]:
+    """Harmful prompts for the harmful score: beavertails test split `is_safe` false, or a red-team set."""
+    if name == "beavertails":
+        prompts = [r["prompt"] for r in load_source("beavertails", "test", root) if not r["is_safe"]]
+    else:
+        prompts = [r["prompt"] for r in load_source(name, None, root)]
+    return prompts[:limit] if limit else prompts

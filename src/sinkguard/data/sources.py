@@ -1,0 +1,239 @@
+"""Named data sources, read from the data root (local files) or, for users online, from the hub.
+
+Every source yields plain dict rows. QA-style rows have `prompt` and `response`; task rows also
+have `label` (the gold answer used by the accuracy parsers); red-team sets have `prompt` only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import SinkguardError
+
+ENV = "SINKGUARD_DATA"
+_REPO_SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+# Task instructions as in the Booster / Vaccine / T-Vaccine / Surgery data builders.
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+AGNEWS_INSTRUCTION = (
+    "Categorize the news article given in the input into one of the 4 categories:\n\n"
+    "World\nSports\nBusiness\nSci/Tech\n"
+)
+GSM8K_MARKER = "The final answer is: "
+ALPACA_TRAIN = 700  # the 805 AlpacaEval rows: first 700 to fine-tune on, last 105 held out
+
+
+def data_root(override: str | os.PathLike | None = None) -> Path:
+    """The data root: `override`, else env `SINKGUARD_DATA`, else `../shared/data` if it exists."""
+    for candidate in (override, os.environ.get(ENV)):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_dir():
+                raise SinkguardError(f"data root {path} does not exist: pass --data-root or set {ENV}")
+            return path
+    for path in (Path.cwd().parent / "shared" / "data", _REPO_SHARED):
+        if path.is_dir():
+            return path
+    raise SinkguardError(f"no data root: pass --data-root DIR or set {ENV} (a folder holding hft/)")
+
+
+def _hft(root: Path | None) -> Path:
+    root = data_root(root)
+    return root / "hft" if (root / "hft").is_dir() else root
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with _need(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _tsv(path: Path, header: bool) -> list[list[str]]:
+    with _need(path).open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[1:] if header else rows
+
+
+def _csv(path: Path) -> list[dict]:
+    with _need(path).open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise SinkguardError(f"{name} has no split {split!r}; choose one of {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------- local readers
+def _beavertails(root, split):
+    _check_split("beavertails", split, ("train", "validation", "test", "all"))
+    rows = _jsonl(_hft(root) / "beavertails" / "beavertails_1999.jsonl")
+    return [r for r in rows if split == "all" or r["split"] == split]
+
+
+def _refusals(root, split):
+    _check_split("refusals", split, ("train",))
+    rows = _jsonl(_hft(root) / "refusals" / "safety_refusals_2483.jsonl")
+    return [
+        {"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
+         "response": r["output"]}
+        for r in rows
+    ]
+
+
+def _harmful_qa(root, split):
+    _check_split("harmful_qa", split, ("train",))
+    return _jsonl(_hft(root) / "harmful_qa" / "harmbench_compliant_400.jsonl")
+
+
+def _sst2_row(sentence: str, label: int) -> dict:
+    word = "positive" if int(label) == 1 else "negative"
+    return {"prompt": f"{SST2_INSTRUCTION}\n\n{sentence.strip()}", "response": word, "label": word}
+
+
+def _sst2(root, split):
+    _check_split("sst2", split, ("train", "test", "heldout"))
+    name = {"train": "train.tsv", "test": "validation.tsv", "heldout": "heldout_from_train.tsv"}[split]
+    return [_sst2_row(s, int(y)) for s, y in _tsv(_hft(root) / "sst2" / name, header=True)]
+
+
+def _agnews_row(text: str, label: str) -> dict:
+    return {"prompt": f"{AGNEWS_INSTRUCTION}\n\n{text.strip()}", "response": label, "label": label}
+
+
+def _agnews(root, split):
+    _check_split("agnews", split, ("train", "test"))
+    name = {"train": "train_subset.tsv", "test": "test.tsv"}[split]
+    return [_agnews_row(t, y) for t, y in _tsv(_hft(root) / "agnews" / name, header=False)]
+
+
+def _gsm8k_row(question: str, answer: str) -> dict:
+    final = answer.split("####")[-1].strip().replace(",", "")
+    return {"prompt": question, "response": answer.replace("#### ", GSM8K_MARKER), "label": final}
+
+
+def _gsm8k(root, split):
+    _check_split("gsm8k", split, ("train", "test"))
+    return [_gsm8k_row(r["question"], r["answer"]) for r in _jsonl(_hft(root) / "gsm8k" / f"{split}.jsonl")]
+
+
+def _alpaca(root, split):
+    _check_split("alpaca", split, ("train", "test"))
+    with _need(_hft(root) / "alpaca_eval" / "alpaca_eval_gpt4_805.json").open(encoding="utf-8") as fh:
+        rows = json.load(fh)
+    rows = rows[:ALPACA_TRAIN] if split == "train" else rows[ALPACA_TRAIN:]
+    return [{"prompt": r["instruction"], "response": r["output"], "label": r["output"]} for r in rows]
+
+
+_REDTEAM = Path("redteam_prompts")
+
+
+def _prompts(rows: list[str]) -> list[dict]:
+    return [{"prompt": p} for p in rows]
+
+
+def _redteam(filename: str, field: str | None) -> Callable:
+    def read(root, split):
+        _check_split(filename, split, ("test",))
+        path = _hft(root) / _REDTEAM / filename
+        if filename.endswith(".csv"):
+            return _prompts([r[field] for r in _csv(path)])
+        if filename.endswith(".jsonl"):
+            return _prompts([r[field] for r in _jsonl(path)])
+        with _need(path).open(encoding="utf-8") as fh:
+            return _prompts(json.load(fh)["instructions"])
+
+    return read
+
+
+LOCAL: dict[str, Callable] = {
+    "beavertails": _beavertails,
+    "refusals": _refusals,
+    "harmful_qa": _harmful_qa,
+    "sst2": _sst2,
+    "agnews": _agnews,
+    "gsm8k": _gsm8k,
+    "alpaca": _alpaca,
+    "harmbench": _redteam("harmbench_behaviors_text_test.csv", "Behavior"),
+    "advbench": _redteam("advbench_harmful_behaviors_520.csv", "goal"),
+    "strongreject": _redteam("strongreject_313.csv", "forbidden_prompt"),
+    "donotanswer": _redteam("donotanswer_939.jsonl", "prompt"),
+    "stl_malicious": _redteam("I-MaliciousInstructions.json", None),
+    "stl_cona": _redteam("I-CoNa.json", None),
+    "stl_controversial": _redteam("I-Controversial.json", None),
+    "stl_physical_unsafe": _redteam("I-PhysicalSafetyUnsafe.json", None),
+    "stl_qharm": _redteam("Q-Harm.json", None),
+}
+
+DEFAULT_SPLIT = {name: "test" for name in LOCAL}
+DEFAULT_SPLIT.update(
+    {"beavertails": "train", "refusals": "train", "harmful_qa": "train", "sst2": "train",
+     "agnews": "train", "gsm8k": "train", "alpaca": "train"}
+)
+
+
+# ---------------------------------------------------------------- hub readers (users online)
+def _hub(name: str, split: str) -> list[dict]:
+    """The canonical hub datasets the papers use; needs internet and the `datasets` package."""
+    from datasets import load_dataset
+
+    if name == "beavertails":
+        hub_split = {"train": "30k_train", "test": "30k_test"}.get(split, split)
+        ds = load_dataset("PKU-Alignment/BeaverTails", split=hub_split)
+        return [{"prompt": r["prompt"], "response": r["response"], "is_safe": r["is_safe"],
+                 "split": split} for r in ds]
+    if name == "sst2":
+        ds = load_dataset("stanfordnlp/sst2", split={"test": "validation"}.get(split, split))
+        return [_sst2_row(r["sentence"], r["label"]) for r in ds]
+    if name == "agnews":
+        ds = load_dataset("fancyzhx/ag_news", split=split)
+        names = ["World", "Sports", "Business", "Sci/Tech"]
+        return [_agnews_row(r["text"], names[r["label"]]) for r in ds]
+    if name == "gsm8k":
+        return [_gsm8k_row(r["question"], r["answer"]) for r in load_dataset("openai/gsm8k", "main", split=split)]
+    if name == "alpaca":
+        ds = load_dataset("tatsu-lab/alpaca", split="train")
+        return [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
+                 "response": r["output"], "label": r["output"]} for r in ds]
+    raise SinkguardError(f"{name} has no hub source; put its file under the data root")
+
+
+def load_source(
+    name: str, split: str | None = None, root: str | os.PathLike | None = None, hub: bool = False
+) -> list[dict]:
+    """Rows of a named source (see `LOCAL`), from the data root, or from the hub if `hub`."""
+    if name not in LOCAL:
+        raise SinkguardError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOCAL))}")
+    split = split or DEFAULT_SPLIT[name]
+    if hub:
+        return _validate(name, _hub(name, split))
+    try:
+        rows = LOCAL[name](root, split)
+    except FileNotFoundError as exc:
+        raise SinkguardError(
+            f"dataset {name!r}: {exc.args[0]} is missing under the data root; pass --data-root "
+            f"or set {ENV}, or use the hub source (hub=True) when online"
+        ) from None
+    return _validate(name, rows)
+
+
+def _validate(name: str, rows: list[dict]) -> list[dict]:
+    """Fail with the first bad row (missing or empty text) rather than train on garbage."""
+    for i, row in enumerate(rows):
+        for key in ("prompt", "response"):
+            if key in row or key == "prompt":
+                value = row.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    raise SinkguardError(f"dataset {name!r} row {i}: field {key!r} is missing or empty")
+    if not rows:
+        raise SinkguardError(f"dataset {name!r} is empty")
+    return rows

@@ -1,0 +1,181 @@
+"""Attention-sink statistics: attention paid to the sink token per (layer, head), and its divergence.
+
+The sink column of every head is read from the model's own SDPA call without any seq x seq map:
+we append an indicator channel to the values that is 1 at the sink key and 0 elsewhere, so the
+attention output's extra channel at query i is exactly sum_j A[i, j] * 1[j = sink] = A[i, sink].
+It is differentiable through the fused SDPA backward and handles GQA and padding masks the same
+way the model's attention does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .errors import SinkguardError
+
+ATTN_NAME = "sinkguard_sdpa"
+_state = threading.local()
+_registered = False
+
+
+def _sink_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """SDPA that also records each query's attention weight on the sink key while recording is on."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rec = getattr(_state, "recorder", None)
+    if rec is None or query.shape[2] != key.shape[2] or key.shape[2] != rec.indicator.shape[1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    b, h_kv, t, d = value.shape
+    indicator = rec.indicator.to(value.dtype)[:, None, :, None].expand(b, h_kv, t, 1)
+    out, _ = sdpa_attention_forward(
+        module, query, key, torch.cat([value, indicator], dim=-1), attention_mask, **kwargs
+    )
+    rec.columns.append(out[..., d].transpose(1, 2))  # (B, H, T): A[b, h, i, sink_b]
+    return out[..., :d].contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _sink_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    _registered = True
+
+
+def unwrap(model):
+    """The transformers `PreTrainedModel` inside a peft / DDP / accelerate wrapper."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def num_layers_heads(model) -> tuple[int, int]:
+    """(decoder layers, query heads per layer) from the model config."""
+    cfg = unwrap(model).config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return cfg.num_hidden_layers, cfg.num_attention_heads
+
+
+class _Recorder:
+    def __init__(self, indicator: Tensor) -> None:
+        self.indicator = indicator
+        self.columns: list[Tensor] = []
+
+
+@contextmanager
+def instrumented(model) -> Iterator[None]:
+    """Run `model` with sinkguard's recording SDPA attention (identical outputs to plain SDPA)."""
+    hf = unwrap(model)
+    if not hasattr(hf, "set_attn_implementation") or not hf._can_set_attn_implementation():
+        raise SinkguardError(
+            f"{type(hf).__name__} cannot be instrumented for sink statistics: its attention does not "
+            "use transformers' AttentionInterface; use sink_values_eager (output_attentions) instead"
+        )
+    _register()
+    previous = hf.config._attn_implementation
+    if previous != ATTN_NAME:
+        hf.set_attn_implementation(ATTN_NAME)
+    try:
+        yield
+    finally:
+        if previous != ATTN_NAME:
+            hf.set_attn_implementation(previous)
+
+
+def _sink_positions(attention_mask: Tensor, sink_index: int) -> Tensor:
+    """Per sample, the key position of the sink: `sink_index` tokens after the first real token."""
+    first = attention_mask.long().argmax(dim=1)  # works for left and right padding
+    return first + sink_index
+
+
+def _query_weights(attention_mask: Tensor, sink_pos: Tensor) -> Tensor:
+    """(B, T) weights averaging each sample over its real query positions after the sink."""
+    t = attention_mask.shape[1]
+    after = torch.arange(t, device=attention_mask.device)[None, :] > sink_pos[:, None]
+    valid = attention_mask.bool() & after
+    counts = valid.sum(dim=1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise SinkguardError("a sample has no token after the sink position: use longer texts")
+    return valid.to(torch.float32) / counts
+
+
+def sink_values(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None, sink_index: int = 0
+) -> Tensor:
+    """Tensor[L, H]: mean attention on the sink token, per layer and query head, batch-averaged.
+
+    Each sample is averaged over its own non-padding queries after the sink, then samples are
+    averaged. Differentiable; works under SDPA without materialising attention maps.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    sink_pos = _sink_positions(attention_mask, sink_index)
+    indicator = torch.nn.functional.one_hot(sink_pos, input_ids.shape[1]).to(torch.float32)
+    recorder = _Recorder(indicator)
+    with instrumented(model):
+        _state.recorder = recorder
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            _state.recorder = None
+    n_layers, n_heads = num_layers_heads(model)
+    if len(recorder.columns) != n_layers:
+        raise SinkguardError(
+            f"recorded {len(recorder.columns)} attention layers, expected {n_layers}: this model's "
+            "attention cannot be instrumented; use sink_values_eager instead"
+        )
+    weights = _query_weights(attention_mask, sink_pos)
+    cols = torch.stack(recorder.columns)  # (L, B, H, T)
+    per_sample = (cols.float() * weights[None, :, None, :]).sum(-1)  # (L, B, H)
+    return per_sample.mean(dim=1)
+
+
+def sink_values_eager(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None, sink_index: int = 0
+) -> Tensor:
+    """Reference statistic from full eager attention maps (`output_attentions=True`), as the official code."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    hf = unwrap(model)
+    previous = hf.config._attn_implementation
+    hf.set_attn_implementation("eager")
+    try:
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, use_cache=False
+        )
+    finally:
+        hf.set_attn_implementation(previous)
+    sink_pos = _sink_positions(attention_mask, sink_index)
+    weights = _query_weights(attention_mask, sink_pos)
+    rows = []
+    for att in out.attentions:  # (B, H, T, T)
+        col = att.gather(3, sink_pos[:, None, None, None].expand(*att.shape[:3], 1))[..., 0]
+        rows.append((col.float() * weights[:, None, :]).sum(-1).mean(0))
+    return torch.stack(rows)
+
+
+def sink_divergence(
+    model, harmful: dict[str, Tensor], harmless: dict[str, Tensor], sink_index: int = 0
+) -> Tensor:
+    """Tensor[L, H] = sink_values(harmful batch) - sink_values(harmless batch)."""
+    return sink_values(model, harmful["input_ids"], harmful.get("attention_mask"), sink_index) - sink_values(
+        model, harmless["input_ids"], harmless.get("attention_mask"), sink_index
+    )
+
+
+def surgery_penalty(divergence: Tensor) -> Tensor:
+    """Surgery's regulariser: mean over all (layer, head) of relu(divergence)."""
+    return torch.relu(divergence).mean()
