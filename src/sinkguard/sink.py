@@ -113,12 +113,17 @@ def _query_weights(attention_mask: Tensor, sink_pos: Tensor) -> Tensor:
 
 
 def sink_values(
-    model, input_ids: Tensor, attention_mask: Tensor | None = None, sink_index: int = 0
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    sink_index: int = 0,
+    reduce: bool = True,
 ) -> Tensor:
     """Tensor[L, H]: mean attention on the sink token, per layer and query head, batch-averaged.
 
     Each sample is averaged over its own non-padding queries after the sink, then samples are
-    averaged. Differentiable; works under SDPA without materialising attention maps.
+    averaged (`reduce=False` returns the per-sample Tensor[B, L, H]). Differentiable; works
+    under SDPA without materialising attention maps.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -140,7 +145,7 @@ def sink_values(
     weights = _query_weights(attention_mask, sink_pos)
     cols = torch.stack(recorder.columns)  # (L, B, H, T)
     per_sample = (cols.float() * weights[None, :, None, :]).sum(-1)  # (L, B, H)
-    return per_sample.mean(dim=1)
+    return per_sample.mean(dim=1) if reduce else per_sample.transpose(0, 1)
 
 
 def sink_values_eager(
@@ -179,3 +184,31 @@ def sink_divergence(
 def surgery_penalty(divergence: Tensor) -> Tensor:
     """Surgery's regulariser: mean over all (layer, head) of relu(divergence)."""
     return torch.relu(divergence).mean()
+
+
+@torch.no_grad()
+def mean_sink_values(
+    model, texts: list[list[int]], pad_token_id: int, batch_size: int = 8, sink_index: int = 0,
+    desc: str = "sink values",
+) -> Tensor:
+    """Tensor[L, H]: sink values averaged over many tokenised texts, in padded mini-batches."""
+    from tqdm.auto import tqdm
+
+    from .data import PadCollator
+
+    collate = PadCollator(pad_token_id)
+    device = next(model.parameters()).device
+    total = None
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths, less padding
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        batch = collate([{"input_ids": texts[i]} for i in order[start : start + batch_size]])
+        values = sink_values(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), sink_index, reduce=False
+        ).sum(0)
+        total = values if total is None else total + values
+    return total / len(texts)
+
+
+def count_positive(divergence: Tensor) -> int:
+    """Number of (layer, head) pairs with positive sink divergence."""
+    return int((divergence > 0).sum().item())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `sinkguard` CLI, one module each (see `sinkguard.cli`)."""

@@ -1,0 +1,36 @@
+"""`sinkguard align`: the alignment stage on refusal data (sft, vaccine or tvaccine)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_data_root, add_model
+from .finetune import add_training_args, lora_from_args, training_overrides
+
+
+def register(sub) -> None:
+    p = sub.add_parser("align", help="safety-align a model on refusal data (sft | vaccine | tvaccine)",
+                       description="Alignment stage: the first n rows of the refusal set.")
+    add_model(p)
+    add_data_root(p)
+    p.add_argument("--defense", default="sft", help="sft, vaccine or tvaccine (default %(default)s)")
+    p.add_argument("--rho", type=float, default=None, help="perturbation intensity (Vaccine/T-Vaccine)")
+    p.add_argument("--system-prompt", default=None, help="system prompt on the alignment data")
+    add_training_args(p, lr=1e-3, epochs=20, batch=10)
+    p.set_defaults(func=run, samples=2000)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import alignment_dataset
+    from ..train import run_stage
+
+    rows = alignment_dataset(args.samples, args.data_root)
+    overrides = training_overrides(args)
+    if args.rho is not None:
+        overrides["rho"] = args.rho
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    path = run_stage("alignment", args.defense, args.model, rows, args.out, lora=lora_from_args(args),
+                     system_prompt=args.system_prompt, data_root=args.data_root, settings=settings,
+                     **overrides)
+    print(f"aligned model saved to {path}")
+    return 0

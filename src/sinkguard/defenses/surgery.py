@@ -1,0 +1,123 @@
+"""Surgery: a fine-tuning-stage defense that regularises the attention-sink divergence.
+
+Each optimisation step adds `alpha * mean_{l,h} relu(sink_harmful - sink_harmless)` to the task
+loss, with fresh texts drawn from the provider's harmful and harmless reference pools
+(official `SurgeryFinetuningTrainer.training_step`; see docs/methods/surgery.md).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import PadCollator, encode_text, reference_pools
+from ..errors import SinkguardError
+from ..sink import sink_values, sink_values_eager, surgery_penalty
+from . import Defense, register
+from .sft import SFTConfig, SinkguardTrainer
+
+
+@dataclass
+class SurgeryConfig(SFTConfig):
+    """Surgery's hyper-parameters on top of the usual TrainingArguments (defaults: official)."""
+
+    alpha: float = field(default=300.0, metadata={"help": "weight of the sink-divergence penalty"})
+    sink_index: int = field(default=0, metadata={"help": "position of the sink token"})
+    regularizer_batch_size: int = field(
+        default=1, metadata={"help": "harmful and harmless pool texts drawn per step (official: 1)"}
+    )
+    pool_fraction: float = field(
+        default=0.5, metadata={"help": "share of the unsafe beavertails train rows kept as the harmful pool"}
+    )
+    pool_max_length: int = field(default=512, metadata={"help": "token limit of pool texts (official 512)"})
+    sink_impl: str = field(
+        default="sdpa",
+        metadata={"help": "'sdpa': one fused forward of both pools (same values, faster); "
+                  "'eager': the official path, output_attentions and one forward per pool"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sink_impl not in ("sdpa", "eager"):
+            raise SinkguardError(f"sink_impl must be 'sdpa' or 'eager', not {self.sink_impl!r}")
+        if self.alpha < 0:
+            raise SinkguardError(f"alpha must be >= 0, got {self.alpha}")
+        if self.regularizer_batch_size < 1:
+            raise SinkguardError("regularizer_batch_size must be >= 1")
+
+
+class SurgeryTrainer(SinkguardTrainer):
+    """Trainer adding Surgery's sink-divergence penalty to the task loss (alpha 0 = plain SFT)."""
+
+    def __init__(self, *args, harmful_pool: list[list[int]], harmless_pool: list[list[int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        if not harmful_pool or not harmless_pool:
+            raise SinkguardError("Surgery needs non-empty harmful and harmless reference pools")
+        self.harmful_pool = harmful_pool
+        self.harmless_pool = harmless_pool
+        pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
+        self._pad = PadCollator(pad)
+        self._draws = 0
+
+    @classmethod
+    def defense_inputs(cls, args: SurgeryConfig, tokenizer, data_root=None) -> dict:
+        """Tokenised reference pools: chat-formatted (prompt, response) pairs, no system prompt."""
+        harmful, harmless = reference_pools(data_root, args.pool_fraction)
+
+        def encode(rows):
+            return [encode_text(tokenizer, r["prompt"], r["response"], args.pool_max_length) for r in rows]
+
+        return {"harmful_pool": encode(harmful), "harmless_pool": encode(harmless)}
+
+    def _draw(self, pool: list[list[int]], rng: random.Random, device) -> dict[str, torch.Tensor]:
+        rows = rng.sample(pool, self.args.regularizer_batch_size)
+        batch = self._pad([{"input_ids": ids} for ids in rows])
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def sink_divergence_step(self, model) -> torch.Tensor:
+        """Tensor[L, H]: sink divergence on freshly drawn pool texts (differentiable)."""
+        # Seeded by step, so a resumed run draws the same texts as an uninterrupted one.
+        rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step * 101 + self._draws)
+        self._draws += 1
+        device = next(model.parameters()).device
+        harmful = self._draw(self.harmful_pool, rng, device)
+        harmless = self._draw(self.harmless_pool, rng, device)
+        k = self.args.sink_index
+        if self.args.sink_impl == "eager":
+            return sink_values_eager(model, **harmful, sink_index=k) - sink_values_eager(
+                model, **harmless, sink_index=k
+            )
+        both = self._pad(
+            [{"input_ids": ids[m.bool()].tolist()} for b in (harmful, harmless)
+             for ids, m in zip(b["input_ids"], b["attention_mask"])]
+        )
+        per_sample = sink_values(
+            model, both["input_ids"].to(device), both["attention_mask"].to(device), k, reduce=False
+        )
+        n = self.args.regularizer_batch_size
+        return per_sample[:n].mean(0) - per_sample[n:].mean(0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = out if return_outputs else (out, None)
+        self.record("task_loss", loss)
+        if self.args.alpha > 0 and model.training:
+            divergence = self.sink_divergence_step(model)
+            sink_loss = surgery_penalty(divergence)
+            self.record("sink_loss", sink_loss)
+            self.record("positive_heads", (divergence > 0).sum())
+            penalty = self.args.alpha * sink_loss
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:
+                scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            if scaled:
+                # Trainer will not divide this loss by the accumulation steps: do it for the penalty.
+                penalty = penalty / self.current_gradient_accumulation_steps
+            loss = loss + penalty
+        return (loss, outputs) if return_outputs else loss
+
+
+register(Defense("surgery", ("finetuning",), SurgeryConfig, SurgeryTrainer,
+                 "attention-sink divergence regulariser (fine-tuning stage)"))
