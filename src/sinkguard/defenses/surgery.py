@@ -71,32 +71,24 @@ class SurgeryTrainer(SinkguardTrainer):
 
         return {"harmful_pool": encode(harmful), "harmless_pool": encode(harmless)}
 
-    def _draw(self, pool: list[list[int]], rng: random.Random, device) -> dict[str, torch.Tensor]:
-        rows = rng.sample(pool, self.args.regularizer_batch_size)
-        batch = self._pad([{"input_ids": ids} for ids in rows])
-        return {k: v.to(device) for k, v in batch.items()}
+    def _batch(self, rows: list[list[int]], device) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in self._pad([{"input_ids": ids} for ids in rows]).items()}
 
     def sink_divergence_step(self, model) -> torch.Tensor:
         """Tensor[L, H]: sink divergence on freshly drawn pool texts (differentiable)."""
         # Seeded by step, so a resumed run draws the same texts as an uninterrupted one.
         rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step * 101 + self._draws)
         self._draws += 1
+        n, k = self.args.regularizer_batch_size, self.args.sink_index
+        harmful = rng.sample(self.harmful_pool, n)
+        harmless = rng.sample(self.harmless_pool, n)
         device = next(model.parameters()).device
-        harmful = self._draw(self.harmful_pool, rng, device)
-        harmless = self._draw(self.harmless_pool, rng, device)
-        k = self.args.sink_index
         if self.args.sink_impl == "eager":
-            return sink_values_eager(model, **harmful, sink_index=k) - sink_values_eager(
-                model, **harmless, sink_index=k
+            return sink_values_eager(model, **self._batch(harmful, device), sink_index=k) - sink_values_eager(
+                model, **self._batch(harmless, device), sink_index=k
             )
-        both = self._pad(
-            [{"input_ids": ids[m.bool()].tolist()} for b in (harmful, harmless)
-             for ids, m in zip(b["input_ids"], b["attention_mask"])]
-        )
-        per_sample = sink_values(
-            model, both["input_ids"].to(device), both["attention_mask"].to(device), k, reduce=False
-        )
-        n = self.args.regularizer_batch_size
+        # One forward for both groups: per-sample values do not depend on padding.
+        per_sample = sink_values(model, **self._batch(harmful + harmless, device), sink_index=k, reduce=False)
         return per_sample[:n].mean(0) - per_sample[n:].mean(0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
