@@ -1,1 +1,36 @@
-"""ltsf."""
+"""ltsf: exact CycleNet, SegRNN and Linear forecasters with the standard LTSF benchmark protocol."""
+
+from .config import RunConfig
+from .data import (
+    DATASET_KINDS,
+    ForecastData,
+    SeriesData,
+    StandardScaler,
+    WindowDataset,
+    cycle_phase,
+    default_data_root,
+    load_benchmark,
+    make_splits,
+    read_series,
+    split_borders,
+)
+from .errors import LTSFError
+from .models import MODELS, CycleNet, Linear, RecurrentCycle, SegRNN
+from .train import (
+    build_model,
+    count_parameters,
+    load_run_model,
+    lr_after_epoch,
+    metrics,
+    predict_windows,
+    run,
+    train_model,
+)
+
+__all__ = [
+    "DATASET_KINDS", "MODELS", "CycleNet", "ForecastData", "LTSFError", "Linear",
+    "RecurrentCycle", "RunConfig", "SegRNN", "SeriesData", "StandardScaler", "WindowDataset",
+    "build_model", "count_parameters", "cycle_phase", "default_data_root", "load_benchmark",
+    "load_run_model", "lr_after_epoch", "make_splits", "metrics", "predict_windows",
+    "read_series", "run", "split_borders", "train_model",
+]

@@ -1,0 +1,314 @@
+"""Training with early stopping, the official learning-rate schedules, test metrics and run files.
+
+The loop mirrors the official `Exp_Main.train/test` (see `docs/ltsf.md`): Adam; each epoch the
+training loader is shuffled with the last incomplete batch dropped, the validation loader is
+shuffled and drops its last batch too (its loss is the mean of the batch losses), the test loss
+is computed for the log; early stopping on the validation loss keeps the best weights, which are
+tested at the end on every test window (`drop_last = False`).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import ForecastData, WindowDataset, collate_batch, load_benchmark
+from .errors import LTSFError
+from .io import load_weights, save_weights, write_json
+from .models import CycleNet, Linear, SegRNN
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+RESULTS = "results.json"
+
+
+def build_model(cfg: RunConfig, enc_in: int) -> nn.Module:
+    """Instantiate `cfg.model` for `enc_in` channels (float32, on the CPU)."""
+    if cfg.enc_in is not None and cfg.enc_in != enc_in:
+        raise LTSFError(f"--enc_in {cfg.enc_in} does not match the data, which has {enc_in} "
+                        "channels; drop --enc_in or set it to the number of channels")
+    if cfg.model == "CycleNet":
+        model: nn.Module = CycleNet(cfg.seq_len, cfg.pred_len, enc_in, cfg.cycle,
+                                    model_type=cfg.model_type, d_model=cfg.d_model,
+                                    use_revin=cfg.revin)
+    elif cfg.model == "SegRNN":
+        model = SegRNN(cfg.seq_len, cfg.pred_len, enc_in, seg_len=cfg.seg_len, d_model=cfg.d_model,
+                       dropout=cfg.effective_dropout, rnn_type=cfg.rnn_type, dec_way=cfg.dec_way,
+                       channel_id=bool(cfg.channel_id), revin=cfg.revin)
+    elif cfg.model == "Linear":
+        model = Linear(cfg.seq_len, cfg.pred_len)
+    else:
+        raise LTSFError(f"unknown --model {cfg.model!r}; use CycleNet, SegRNN or Linear")
+    return model.float()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch as the official `run.py` does (before building the model)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_after_epoch(epoch: int, lradj: str, base: float) -> float | None:
+    """Learning rate set after finishing (1-based) `epoch`, or None to keep it (official table).
+
+    `type3`: `base` for epoch < 3, else `base * 0.8 ** (epoch - 3)`; the new rate applies from
+    the next epoch, so epochs 2-4 run at `base` and epoch e >= 4 at `base * 0.8 ** (e - 4)`.
+    """
+    if lradj == "type1":
+        return base * 0.5 ** (epoch - 1)
+    if lradj == "type2":
+        return {2: 5e-5, 4: 1e-5, 6: 5e-6, 8: 1e-6, 10: 5e-7, 15: 1e-7, 20: 5e-8}.get(epoch)
+    if lradj == "type3":
+        return base if epoch < 3 else base * 0.8 ** (epoch - 3)
+    if lradj == "constant":
+        return base
+    steps = {"3": 10, "4": 15, "5": 25, "6": 5}
+    if lradj in steps:
+        return base if epoch < steps[lradj] else base * 0.1
+    return None
+
+
+class EarlyStopping:
+    """Stop after `patience` epochs without a strictly lower validation loss; keep the best state."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: float = math.inf
+        self.best_epoch = 0
+        self.counter = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def step(self, val_loss: float, model: nn.Module, epoch: int) -> bool:
+        """Record `val_loss`; return True when this epoch improved on the best."""
+        if val_loss < self.best or self.best_state is None:
+            self.best, self.best_epoch, self.counter = val_loss, epoch, 0
+            self.best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return True
+        self.counter += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        """Whether patience is exhausted."""
+        return self.counter >= self.patience
+
+
+def make_loader(ds: WindowDataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    """DataLoader over a window dataset (batched gather); drop_last only when a full batch exists."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                      drop_last=drop_last and len(ds) >= batch_size, collate_fn=collate_batch)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    return model(x, phase) if getattr(model, "needs_phase", False) else model(x)
+
+
+def _select(out: torch.Tensor, target_only: bool) -> torch.Tensor:
+    """Keep the last channel in MS mode (`f_dim = -1`), everything otherwise."""
+    return out[..., -1:] if target_only else out
+
+
+@torch.no_grad()
+def loader_loss(model: nn.Module, loader: DataLoader, criterion: Callable, target_only: bool = False) -> float:
+    """Mean over batches of the batch loss (the official `vali`)."""
+    model.eval()
+    losses = [criterion(_select(_forward(model, x, p), target_only), _select(y, target_only)).item()
+              for x, y, p in loader]
+    model.train()
+    return float(np.mean(losses)) if losses else math.nan
+
+
+@torch.no_grad()
+def predict_windows(model: nn.Module, ds: WindowDataset, batch_size: int = 256,
+                    target_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and targets for every window of `ds` in order, each `(N, pred_len, C')`."""
+    model.eval()
+    preds, trues = [], []
+    for x, y, p in make_loader(ds, batch_size, shuffle=False, drop_last=False):
+        preds.append(_select(_forward(model, x, p), target_only).numpy())
+        trues.append(_select(y, target_only).numpy())
+    return np.concatenate(preds), np.concatenate(trues)
+
+
+def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """MSE and MAE over all windows, horizons and channels (float64 accumulation)."""
+    err = pred.astype(np.float64) - true.astype(np.float64)
+    return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
+
+
+def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
+                checkpoint: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train `model` in place on `data.train` with early stopping on `data.val`; load the best state.
+
+    Returns the per-epoch history, the epochs run, the best epoch and timings.
+    """
+    criterion = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
+    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, drop_last=True)
+    val_loader = make_loader(data.val, cfg.batch_size, shuffle=True, drop_last=True)
+    test_loader = make_loader(data.test, cfg.batch_size, shuffle=False, drop_last=False)
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    scheduler = None
+    if cfg.lradj == "TST":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optim, max_lr=cfg.learning_rate, epochs=cfg.train_epochs,
+            steps_per_epoch=len(train_loader), pct_start=cfg.pct_start)
+    else:
+        _set_lr(optim, cfg.learning_rate / cfg.first_epoch_lr_div)
+    stopper = EarlyStopping(cfg.patience)
+    history: list[dict[str, float]] = []
+    train_time = 0.0
+    bar = tqdm(range(1, cfg.train_epochs + 1), desc=cfg.setting, disable=not progress,
+               unit="epoch", dynamic_ncols=True)
+    model.train()
+    for epoch in bar:
+        lr = optim.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        losses = []
+        for x, y, p in tqdm(train_loader, leave=False, disable=not progress, desc=f"epoch {epoch}"):
+            optim.zero_grad()
+            loss = criterion(_select(_forward(model, x, p), data.target_only),
+                             _select(y, data.target_only))
+            loss.backward()
+            optim.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        val_loss = loader_loss(model, val_loader, criterion, data.target_only)
+        test_loss = (loader_loss(model, test_loader, criterion, data.target_only)
+                     if cfg.test_each_epoch else math.nan)
+        if not math.isfinite(val_loss):
+            raise LTSFError(f"validation loss became {val_loss} at epoch {epoch}; "
+                            "lower --learning_rate")
+        improved = stopper.step(val_loss, model, epoch)
+        if improved and checkpoint is not None:
+            save_weights(checkpoint, stopper.best_state, metadata={"setting": cfg.setting,
+                                                                  "epoch": str(epoch)})
+        row = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+               "test_loss": test_loss, "epoch_time_s": epoch_time}
+        history.append(row)
+        log.info("%s epoch %d lr %.3g train %.5f val %.5f test %.5f (%.1fs)%s", cfg.setting, epoch,
+                 lr, row["train_loss"], val_loss, test_loss, epoch_time, " *" if improved else "")
+        bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{val_loss:.4f}",
+                        best=stopper.best_epoch)
+        if stopper.stop:
+            break
+        if scheduler is None:
+            new_lr = lr_after_epoch(epoch, cfg.lradj, cfg.learning_rate)
+            if new_lr is not None:
+                _set_lr(optim, new_lr)
+    bar.close()
+    model.load_state_dict(stopper.best_state)
+    return {"history": history, "epochs_run": len(history), "best_epoch": stopper.best_epoch,
+            "best_val_loss": stopper.best, "train_time_s": train_time,
+            "time_per_epoch_s": train_time / max(len(history), 1)}
+
+
+def _set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
+    for group in optim.param_groups:
+        group["lr"] = lr
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """Folder of one run: `<checkpoints>/<setting>`."""
+    return Path(cfg.checkpoints) / cfg.setting
+
+
+def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run one benchmark experiment end to end and write `results.json` + the best checkpoint.
+
+    A finished run with the same configuration is not repeated (its results are returned with
+    `cached: true`) unless `overwrite`.
+    """
+    cfg.validate()
+    out_dir = run_dir(cfg)
+    results_path = out_dir / RESULTS
+    if results_path.is_file() and not overwrite:
+        try:
+            previous = json.loads(results_path.read_text())
+        except json.JSONDecodeError:
+            previous = None
+        if previous and _same_config(previous.get("config") or {}, cfg):
+            previous["cached"] = True
+            return previous
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    t_start = time.perf_counter()
+    data = load_benchmark(cfg.data, cfg.data_path, cfg.root_path, cfg.seq_len, cfg.pred_len,
+                          cycle=cfg.cycle, features=cfg.features, target=cfg.target)
+    seed_everything(cfg.random_seed)
+    model = build_model(cfg, data.n_channels)
+    n_params = count_parameters(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fit = train_model(model, data, cfg, checkpoint=out_dir / CHECKPOINT, progress=progress)
+    pred, true = predict_windows(model, data.test, cfg.batch_size, data.target_only)
+    scores = metrics(pred, true)
+    result = {
+        "setting": cfg.setting, "model": cfg.model, "data": cfg.data,
+        "data_file": Path(str(data.info["path"])).name,
+        "model_type": cfg.model_type if cfg.model == "CycleNet" else None,
+        "seq_len": cfg.seq_len, "pred_len": cfg.pred_len, "random_seed": cfg.random_seed,
+        "mse": scores["mse"], "mae": scores["mae"], "params": n_params,
+        "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
+        "best_val_loss": fit["best_val_loss"], "train_time_s": fit["train_time_s"],
+        "time_per_epoch_s": fit["time_per_epoch_s"],
+        "wall_time_s": time.perf_counter() - t_start,
+        "windows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": CHECKPOINT, "config": cfg.to_dict(), "history": fit["history"],
+    }
+    write_json(results_path, result)
+    return result
+
+
+def _same_config(stored: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether a stored config equals `cfg` (fields added since then must hold their defaults)."""
+    current, default = cfg.to_dict(), RunConfig().to_dict()
+    return all(stored[k] == v if k in stored else v == default[k] for k, v in current.items())
+
+
+def load_run_model(run_path: str | Path) -> tuple[nn.Module, RunConfig]:
+    """Rebuild a trained model from a run folder (its `results.json` and best checkpoint)."""
+    run_path = Path(run_path)
+    results = run_path / RESULTS
+    if not results.is_file():
+        raise LTSFError(f"{run_path} holds no {RESULTS}; pass a folder written by `ltsf train`")
+    info = json.loads(results.read_text())
+    cfg = RunConfig.from_dict(info["config"])
+    state = load_weights(run_path / CHECKPOINT)
+    enc_in = cfg.enc_in or _channels_from_state(state, cfg)
+    model = build_model(cfg, enc_in)
+    model.load_state_dict(state)
+    return model, cfg
+
+
+def _channels_from_state(state: dict[str, torch.Tensor], cfg: RunConfig) -> int:
+    if "cycleQueue.data" in state:
+        return int(state["cycleQueue.data"].shape[1])
+    if "channel_emb" in state:
+        return int(state["channel_emb"].shape[0])
+    raise LTSFError("cannot tell the channel count of this checkpoint; it needs --enc_in in its config")
