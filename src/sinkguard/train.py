@@ -15,6 +15,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .data import PadCollator, encode_example
 from .defenses import get_defense
 from .errors import SinkguardError
@@ -58,6 +60,7 @@ def make_config(defense: str, stage: str, out_dir: str | os.PathLike, **override
         seed=43,
         disable_tqdm=False,
         use_cpu=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     base.update(overrides)
     return spec.config_cls(**base)
