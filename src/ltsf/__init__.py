@@ -15,6 +15,7 @@ from .data import (
     split_borders,
 )
 from .errors import LTSFError
+from .forecaster import Forecaster
 from .models import MODELS, CycleNet, Linear, RecurrentCycle, SegRNN
 from .train import (
     build_model,
@@ -28,7 +29,7 @@ from .train import (
 )
 
 __all__ = [
-    "DATASET_KINDS", "MODELS", "CycleNet", "ForecastData", "LTSFError", "Linear",
+    "DATASET_KINDS", "MODELS", "CycleNet", "ForecastData", "Forecaster", "LTSFError", "Linear",
     "RecurrentCycle", "RunConfig", "SegRNN", "SeriesData", "StandardScaler", "WindowDataset",
     "build_model", "count_parameters", "cycle_phase", "default_data_root", "load_benchmark",
     "load_run_model", "lr_after_epoch", "make_splits", "metrics", "predict_windows",

@@ -60,9 +60,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for flag, typ in _COMPAT.items():
         g.add_argument(flag, type=typ, default=None, help=argparse.SUPPRESS)
     o = p.add_argument_group("options of this implementation")
-    o.add_argument("--first_epoch_lr_div", type=float, default=d.first_epoch_lr_div,
-                   help="epoch 1 runs at learning_rate / this (the official loop's OneCycleLR "
-                        "side effect); 1 disables")
+    o.add_argument("--onecycle_init", type=int, default=d.onecycle_init, choices=(0, 1),
+                   help="1 (official): build OneCycleLR for every --lradj, which runs epoch 1 at "
+                        "learning_rate/25 and sets Adam's beta1 to 0.95; 0: plain Adam")
     o.add_argument("--test_each_epoch", type=int, default=d.test_each_epoch, choices=(0, 1),
                    help="log the test loss every epoch as the official loop (1) or skip it (0)")
     o.add_argument("--num_threads", type=int, default=d.num_threads,

@@ -50,7 +50,7 @@ class RunConfig:
     random_seed: int = 2024
     # Our additions (not official flags); defaults reproduce the official behaviour.
     checkpoints: str = "runs/ltsf"
-    first_epoch_lr_div: float = 25.0
+    onecycle_init: int = 1
     test_each_epoch: int = 1
     num_threads: int = 0
 
@@ -74,8 +74,6 @@ class RunConfig:
                             f"({self.seq_len}) and --pred_len ({self.pred_len})")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise LTSFError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.first_epoch_lr_div <= 0:
-            raise LTSFError(f"first_epoch_lr_div must be positive, got {self.first_epoch_lr_div}")
         return self
 
     @property

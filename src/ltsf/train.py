@@ -170,12 +170,14 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
     test_loader = make_loader(data.test, cfg.batch_size, shuffle=False, drop_last=False)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     scheduler = None
-    if cfg.lradj == "TST":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+    if cfg.lradj == "TST" or cfg.onecycle_init:
+        # The official loop builds this scheduler for every --lradj. Building it already sets the
+        # rate to learning_rate / 25 (kept for epoch 1 unless TST steps it) and Adam's beta1 to
+        # 0.95 (kept for the whole run, since only the rate is changed afterwards).
+        onecycle = torch.optim.lr_scheduler.OneCycleLR(
             optim, max_lr=cfg.learning_rate, epochs=cfg.train_epochs,
             steps_per_epoch=len(train_loader), pct_start=cfg.pct_start)
-    else:
-        _set_lr(optim, cfg.learning_rate / cfg.first_epoch_lr_div)
+        scheduler = onecycle if cfg.lradj == "TST" else None
     stopper = EarlyStopping(cfg.patience)
     history: list[dict[str, float]] = []
     train_time = 0.0
