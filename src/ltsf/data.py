@@ -142,7 +142,7 @@ class WindowDataset(Dataset):
         self.offset = offset
         self.cycle = cycle
         self.name = name
-        if len(self) <= 0:
+        if self.data.shape[0] - seq_len - pred_len + 1 <= 0:
             raise LTSFError(f"the {name} part has {len(values)} rows, fewer than seq_len + pred_len "
                             f"= {seq_len + pred_len}; use shorter --seq_len/--pred_len or more data")
         self._in = torch.arange(seq_len)

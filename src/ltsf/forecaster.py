@@ -147,7 +147,7 @@ class Forecaster:
             raise LTSFError("need at least 3 timestamps to infer the frequency")
         if not idx.is_monotonic_increasing or idx.has_duplicates:
             raise LTSFError("dates must be strictly increasing; sort the DataFrame and drop duplicates")
-        freq = pd.infer_freq(idx)
+        freq = pd.DatetimeIndex(idx.to_numpy(), freq="infer").freqstr
         if freq is None:
             raise LTSFError("dates are not evenly spaced (no frequency could be inferred); "
                             "resample to a regular grid first")
