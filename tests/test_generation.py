@@ -221,7 +221,7 @@ def test_harmful_score_and_fine_tune_accuracy_files(model, tokenizer, tmp_path):
 def fake_judge_module(monkeypatch):
     """Stand in for `sinkguard.evaluate.judge` (its real judge is trained on data)."""
     module = types.ModuleType("sinkguard.evaluate.judge")
-    module.load_judge = lambda auto_train=True, data_root=None: LengthJudge()
+    module.load_judge = lambda auto_train=True, root=None: LengthJudge()
     module.is_refusal = _refusal
     monkeypatch.setitem(sys.modules, "sinkguard.evaluate.judge", module)
 

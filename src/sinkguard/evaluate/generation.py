@@ -25,7 +25,8 @@ from ..errors import SinkguardError
 log = logging.getLogger(__name__)
 
 TEMPLATES = ("chat", "alpaca")
-# The prompt of the official harmful-score / T-Vaccine task scripts (no-input variant).
+# The official T-Vaccine / Vaccine evaluation prompt (no-input variant); Surgery's harmful-score
+# script uses the same text without the final newline.
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
@@ -128,8 +129,8 @@ def _read_rows(path: Path) -> list[dict]:
                 torn = True
                 continue
             raise SinkguardError(f"{path} line {k + 1} is not JSON; delete the file to regenerate") from None
-    if torn:
-        log.warning("%s: dropping a half-written last line", path)
+    if torn or lines[-1].strip():  # also a complete row missing its newline: appends would glue onto it
+        log.warning("%s: repairing a half-written last line", path)
         write_jsonl(path, rows)
     return rows
 

@@ -212,7 +212,7 @@ def harmful_score(
     if judge is None:
         from .judge import load_judge
 
-        judge = load_judge(auto_train=True, data_root=data_root)
+        judge = load_judge(auto_train=True, root=data_root)
     is_refusal = is_refusal or _default_refusal()
     results = {}
     for name, prompts in sets.items():
