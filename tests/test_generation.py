@@ -119,6 +119,17 @@ def test_interrupted_run_resumes_to_the_same_file(model, tokenizer, tmp_path, mo
     assert part.read_bytes() == full.read_bytes()
 
 
+def test_last_row_without_newline_is_repaired(model, tokenizer, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    generate(model, tokenizer, PROMPTS[:2], max_new_tokens=4, out_path=out, progress=False)
+    whole = out.read_bytes()
+    out.write_bytes(whole.rstrip(b"\n"))  # the crash came between a row and its newline
+    generate(model, tokenizer, PROMPTS[:2], max_new_tokens=4, out_path=out, progress=False)
+    assert out.read_bytes() == whole
+    generate(model, tokenizer, PROMPTS[:3], max_new_tokens=4, out_path=out, progress=False)
+    assert len(read_generations(out)) == 3
+
+
 def test_more_prompts_reuse_the_first_rows(model, tokenizer, tmp_path, monkeypatch):
     out = tmp_path / "gen.jsonl"
     first = generate(model, tokenizer, PROMPTS[:2], max_new_tokens=4, batch_size=4, out_path=out, progress=False)
