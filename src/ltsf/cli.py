@@ -67,6 +67,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="log the test loss every epoch as the official loop (1) or skip it (0)")
     o.add_argument("--num_threads", type=int, default=d.num_threads,
                    help="torch CPU threads (0: torch default)")
+    o.add_argument("--device", default=d.device,
+                   help="auto (CUDA when available, as the official --use_gpu), cpu, cuda, cuda:1")
     o.add_argument("--config", default=None, help="YAML file with any of these keys as defaults")
 
 

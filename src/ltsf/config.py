@@ -53,6 +53,7 @@ class RunConfig:
     onecycle_init: int = 1
     test_each_epoch: int = 1
     num_threads: int = 0
+    device: str = "auto"
 
     def validate(self) -> RunConfig:
         """Check choices and sizes; raise `LTSFError` naming the bad value and the fix."""

@@ -24,6 +24,7 @@ from .data import SeriesData, _frame_to_series, make_splits
 from .errors import LTSFError
 from .io import load_weights, save_weights, write_json
 from .train import (
+    _forward,
     build_model,
     count_parameters,
     metrics,
@@ -205,11 +206,8 @@ class Forecaster:
         x = torch.as_tensor(self.scaler.transform(values), dtype=torch.float32).unsqueeze(0)
         self.model.eval()
         with torch.no_grad():
-            if getattr(self.model, "needs_phase", False):
-                y = self.model(x, torch.tensor([phase]))
-            else:
-                y = self.model(x)
-        out = self.scaler.inverse_transform(y[0].numpy().astype(np.float64))
+            y = _forward(self.model, x, torch.tensor([phase]))
+        out = self.scaler.inverse_transform(y[0].cpu().numpy().astype(np.float64))
         dates = pd.date_range(end, periods=cfg.pred_len + 1, freq=self.freq)[1:]
         frame = pd.DataFrame(out, columns=self.columns)
         frame.insert(0, self.date_col, dates)
@@ -232,7 +230,7 @@ class Forecaster:
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_weights(path / _STATE, self.model.state_dict())
+        save_weights(path / _STATE, self.model.state_dict())  # copied to the CPU
         meta = {"config": self.config.to_dict(), "columns": self.columns, "date_col": self.date_col,
                 "freq": self.freq, "origin": self.origin.isoformat(),
                 "scaler": self.scaler.to_dict(), "tail": self.tail.tolist(),

@@ -121,8 +121,26 @@ def make_loader(ds: WindowDataset, batch_size: int, shuffle: bool, drop_last: bo
                       drop_last=drop_last and len(ds) >= batch_size, collate_fn=collate_batch)
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available (as the official `--use_gpu`), else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LTSFError(f"--device {name!r} is not a torch device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LTSFError("--device cuda requested but no CUDA device is available; use --device cpu")
+    return device
+
+
 def _forward(model: nn.Module, x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
-    return model(x, phase) if getattr(model, "needs_phase", False) else model(x)
+    """Model output for a batch on the model's device (CycleNet also gets the phases)."""
+    device = next(model.parameters()).device
+    x = x.to(device, non_blocking=True)
+    if getattr(model, "needs_phase", False):
+        return model(x, phase.to(device, non_blocking=True))
+    return model(x)
 
 
 def _select(out: torch.Tensor, target_only: bool) -> torch.Tensor:
@@ -134,8 +152,8 @@ def _select(out: torch.Tensor, target_only: bool) -> torch.Tensor:
 def loader_loss(model: nn.Module, loader: DataLoader, criterion: Callable, target_only: bool = False) -> float:
     """Mean over batches of the batch loss (the official `vali`)."""
     model.eval()
-    losses = [criterion(_select(_forward(model, x, p), target_only), _select(y, target_only)).item()
-              for x, y, p in loader]
+    losses = [criterion(_select(_forward(model, x, p), target_only).cpu(),
+                        _select(y, target_only)).item() for x, y, p in loader]
     model.train()
     return float(np.mean(losses)) if losses else math.nan
 
@@ -147,7 +165,7 @@ def predict_windows(model: nn.Module, ds: WindowDataset, batch_size: int = 256,
     model.eval()
     preds, trues = [], []
     for x, y, p in make_loader(ds, batch_size, shuffle=False, drop_last=False):
-        preds.append(_select(_forward(model, x, p), target_only).numpy())
+        preds.append(_select(_forward(model, x, p), target_only).cpu().numpy())
         trues.append(_select(y, target_only).numpy())
     return np.concatenate(preds), np.concatenate(trues)
 
@@ -165,6 +183,8 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
     Returns the per-epoch history, the epochs run, the best epoch and timings.
     """
     criterion = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
+    device = resolve_device(cfg.device)
+    model.to(device)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, drop_last=True)
     val_loader = make_loader(data.val, cfg.batch_size, shuffle=True, drop_last=True)
     test_loader = make_loader(data.test, cfg.batch_size, shuffle=False, drop_last=False)
@@ -191,7 +211,7 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
         for x, y, p in tqdm(train_loader, leave=False, disable=not progress, desc=f"epoch {epoch}"):
             optim.zero_grad()
             loss = criterion(_select(_forward(model, x, p), data.target_only),
-                             _select(y, data.target_only))
+                             _select(y, data.target_only).to(device, non_blocking=True))
             loss.backward()
             optim.step()
             if scheduler is not None:
@@ -278,6 +298,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
         "best_val_loss": fit["best_val_loss"], "train_time_s": fit["train_time_s"],
         "time_per_epoch_s": fit["time_per_epoch_s"],
         "wall_time_s": time.perf_counter() - t_start,
+        "channels": data.n_channels,
         "windows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -302,13 +323,13 @@ def load_run_model(run_path: str | Path) -> tuple[nn.Module, RunConfig]:
     info = json.loads(results.read_text())
     cfg = RunConfig.from_dict(info["config"])
     state = load_weights(run_path / CHECKPOINT)
-    enc_in = cfg.enc_in or _channels_from_state(state, cfg)
+    enc_in = cfg.enc_in or info.get("channels") or _channels_from_state(state)
     model = build_model(cfg, enc_in)
     model.load_state_dict(state)
     return model, cfg
 
 
-def _channels_from_state(state: dict[str, torch.Tensor], cfg: RunConfig) -> int:
+def _channels_from_state(state: dict[str, torch.Tensor]) -> int:
     if "cycleQueue.data" in state:
         return int(state["cycleQueue.data"].shape[1])
     if "channel_emb" in state:
