@@ -1,0 +1,192 @@
+"""`sinkguard judge train | evaluate | score`: the harmfulness judge from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import SinkguardError
+from .common import add_data_root
+
+
+def register(sub) -> None:
+    """Add `judge` with its `train`, `evaluate` and `score` sub-commands."""
+    p = sub.add_parser("judge", help="train, evaluate or apply the harmfulness judge",
+                       description="The QA-moderation judge behind the harmful score.")
+    judge_sub = p.add_subparsers(dest="judge_command", required=True, metavar="ACTION")
+
+    t = judge_sub.add_parser("train", help="train the judge on BeaverTails (+ refusals, harmful_qa)",
+                             description="Fine-tune the bundled MiniLM encoder as a QA-moderation "
+                                         "classifier and save it to the cache.")
+    add_data_root(t)
+    t.add_argument("--out", default=None, help="judge folder (default: <cache>/judge/default)")
+    t.add_argument("--encoder", default=None, help="bundled alias, local encoder folder or hub id")
+    t.add_argument("--epochs", type=int, default=None, help="training epochs (best on validation kept)")
+    t.add_argument("--seed", type=int, default=None, help="random seed")
+    t.add_argument("--refusal-rows", type=int, default=None, help="refusal rows to train on")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
+    t.add_argument("--json", action="store_true", help="print the validation/test report as JSON")
+    t.set_defaults(func=run_train)
+
+    e = judge_sub.add_parser("evaluate", help="judge metrics on the BeaverTails test split",
+                             description="Accuracy, precision, recall, F1 on the BeaverTails test "
+                                         "split, the held-out refusals/harmful_qa report and a "
+                                         "TF-IDF baseline; trains the judge first if none is cached.")
+    add_data_root(e)
+    _add_judge_choice(e)
+    e.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF + LR baseline")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.set_defaults(func=run_evaluate)
+
+    s = judge_sub.add_parser("score", help="score (prompt, response) rows of a JSONL file",
+                             description="Adds `harmful` (bool), `score` (P(harmful)) and `refusal` "
+                                         "(keyword match) to each row.")
+    s.add_argument("--input", required=True, help="JSONL file, one object with prompt and response a line")
+    s.add_argument("--out", required=True, help="JSONL file to write")
+    add_data_root(s)
+    _add_judge_choice(s)
+    s.add_argument("--batch-size", type=int, default=32, help="rows per batch (default %(default)s)")
+    s.set_defaults(func=run_score)
+
+
+def _add_judge_choice(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--judge", default=None, help="trained judge folder (default: the cached one)")
+    parser.add_argument("--hub", default=None, metavar="MODEL_ID",
+                        help="use a hub moderation model instead, e.g. PKU-Alignment/beaver-dam-7b "
+                             "or meta-llama/Llama-Guard-3-8B (GPU, internet)")
+    parser.add_argument("--threshold", type=float, default=None, help="override the harmful threshold")
+
+
+def _judge(args: argparse.Namespace):
+    from ..evaluate.judge import Judge, load_judge
+
+    if args.hub and args.judge:
+        raise SinkguardError("pass either --judge or --hub, not both")
+    judge = Judge.from_hub(args.hub) if args.hub else load_judge(True, args.judge, args.data_root)
+    if args.threshold is not None:
+        if not 0.0 < args.threshold < 1.0:
+            raise SinkguardError(f"--threshold must be in (0, 1), got {args.threshold}")
+        judge.threshold = args.threshold
+    return judge
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train, save, and print validation and test metrics."""
+    from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
+
+    overrides = {"encoder": args.encoder, "epochs": args.epochs, "seed": args.seed,
+                 "refusal_rows": args.refusal_rows, "threads": args.threads}
+    config = JudgeConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    data = judge_data(config, args.data_root)
+    judge = train_judge(config, args.data_root, data=data, path=args.out)
+    report = {"judge": judge.name, "train_seconds": judge.info["train_seconds"],
+              "best_epoch": judge.info["best_epoch"],
+              "validation": evaluate_judge(judge, data.validation), "test": evaluate_judge(judge, data.test)}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"judge saved to {judge.name} ({report['train_seconds']:.0f} s, epoch {report['best_epoch']})")
+        for split in ("validation", "test"):
+            print(f"{split:>10}: {_line(report[split])}")
+    return 0
+
+
+def _line(m: dict) -> str:
+    return (f"accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+            f"f1 {m['f1']:.3f}  (n={m['n']})")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Test-split metrics, held-out report and baseline; one JSON object with --json."""
+    from ..evaluate.judge import (
+        JudgeConfig,
+        evaluate_judge,
+        heldout_report,
+        judge_data,
+        tfidf_baseline,
+    )
+
+    judge = _judge(args)
+    config = JudgeConfig.from_dict(getattr(judge, "info", {}).get("config", {}))
+    data = judge_data(config, args.data_root)
+    result = {**evaluate_judge(judge, data.test, progress=not args.json), "split": "beavertails/test",
+              "judge": judge.name, "threshold": judge.threshold,
+              "heldout": heldout_report(judge, data)}
+    if not args.no_baseline:
+        baseline = tfidf_baseline(data)
+        result["baseline_tfidf_lr"] = baseline["test"]
+        result["accuracy_over_baseline"] = result["accuracy"] / max(baseline["test"]["accuracy"], 1e-9)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"judge: {result['judge']} (threshold {result['threshold']})")
+    print(f"beavertails test: {_line(result)}")
+    if "baseline_tfidf_lr" in result:
+        print(f"TF-IDF + LR     : {_line(result['baseline_tfidf_lr'])}")
+    for name, rep in result["heldout"].items():
+        print(f"held-out {name} ({rep['label']}, n={rep['n']}): accuracy {rep['accuracy']:.3f}, "
+              f"flagged {rep['flagged_rate']:.3f}, keyword refusals {rep['keyword_refusal_rate']:.3f}")
+    return 0
+
+
+def read_pairs(path: str | os.PathLike) -> list[dict]:
+    """JSONL rows, each an object with string `prompt` and `response`; one clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise SinkguardError(f"input file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SinkguardError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise SinkguardError(f"{path} line {number}: expected a JSON object with prompt and response")
+            for key in ("prompt", "response"):
+                if not isinstance(row.get(key), str):
+                    raise SinkguardError(f"{path} line {number}: field {key!r} is missing or not a string")
+            rows.append(row)
+    if not rows:
+        raise SinkguardError(f"{path} has no rows")
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write rows as JSON lines atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Score a JSONL file of (prompt, response) rows."""
+    from ..evaluate.judge import is_refusal
+
+    if args.batch_size < 1:
+        raise SinkguardError(f"--batch-size must be positive, got {args.batch_size}")
+    rows = read_pairs(args.input)
+    judge = _judge(args)
+    scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows],
+                         batch_size=args.batch_size, progress=True)
+    flagged = [judge.decide(s) for s in scores]
+    out = [{**row, "harmful": bool(f), "score": float(s), "refusal": is_refusal(row["response"])}
+           for row, f, s in zip(rows, flagged, scores)]
+    write_jsonl(args.out, out)
+    print(f"scored {len(out)} rows: {sum(flagged) / len(out):.1%} harmful, "
+          f"{sum(r['refusal'] for r in out) / len(out):.1%} keyword refusals -> {args.out}", file=sys.stderr)
+    return 0
