@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its async wrapper calls iter() twice, an extra RNG draw
 
 from .config import RunConfig
 from .data import ForecastData, WindowDataset, collate_batch, load_benchmark
