@@ -35,3 +35,109 @@ def plot_sink_heatmap(divergence: torch.Tensor, path: str | os.PathLike, title: 
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["defense"], r["poison_ratio"]), []).append(r)
+    return groups
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: HS per prompt set, refusal rate, FA and positive heads, mean ± std over seeds."""
+    records = results["records"]
+    hs_keys = sorted({k for r in records for k in r if k.startswith("hs_") and not k.endswith("_n")})
+    header = ["task", "defense", "p"] + [f"HS {k[3:]} (%)" for k in hs_keys] + \
+             [f"refusal {k[3:]} (%)" for k in hs_keys] + ["FA (%)", "positive heads", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (task, defense, p), rows in _groups(records).items():
+        cells = [task, defense, "-" if p is None else f"{p:g}"]
+        cells += [_mean_std([r.get(k) for r in rows]) for k in hs_keys]
+        cells += [_mean_std([r.get("refusal_" + k[3:]) for r in rows]) for k in hs_keys]
+        cells += [_mean_std([r.get("fa") for r in rows]),
+                  _mean_std([r.get("positive_heads") for r in rows]), str(len(rows))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabel: str) -> Path:
+    """Line plot of `metric` against the poison ratio, one line per defense (and task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    series: dict[tuple, dict[float, list[float]]] = {}
+    flat: dict[tuple, list[float]] = {}
+    for r in results["records"]:
+        if r.get(metric) is None:
+            continue
+        if r["poison_ratio"] is None:
+            flat.setdefault((r["task"], r["defense"]), []).append(r[metric])
+        else:
+            series.setdefault((r["task"], r["defense"]), {}).setdefault(r["poison_ratio"], []).append(r[metric])
+    for (task, defense), points in sorted(series.items()):
+        xs = sorted(points)
+        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=f"{defense} ({task})")
+    for (task, defense), values in sorted(flat.items()):
+        ax.axhline(sum(values) / len(values), linestyle="--", linewidth=1, color="gray" if defense == "base" else "k",
+                   label=f"{defense} model ({task})")
+    ax.set_xlabel("poison ratio p")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """`RUN_DIR/report.md` with the results table and HS/FA/positive-head plots beside it."""
+    import json
+
+    from .errors import SinkguardError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise SinkguardError(f"{path} not found: run `sinkguard run CONFIG` first (or point to its run dir)")
+    results = json.loads(path.read_text())
+    hs_keys = sorted({k for r in results["records"] for k in r if k.startswith("hs_") and not k.endswith("_n")})
+    plots = []
+    for key in hs_keys:
+        plots.append(plot_versus_ratio(results, key, run_dir / f"{key}.png", f"harmful score {key[3:]} (%)"))
+    plots.append(plot_versus_ratio(results, "fa", run_dir / "fa.png", "fine-tune accuracy (%)"))
+    plots.append(plot_versus_ratio(results, "positive_heads", run_dir / "positive_heads.png",
+                                   "heads with positive sink divergence"))
+    timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in results.get("stage_wall_s", {}).items())
+    text = "\n\n".join([
+        f"# {results['name']}: {results['model']}",
+        "HS: % of answers the judge flags on harmful prompts (lower is better); refusal: keyword "
+        "refusal rate; FA: fine-tune accuracy on the task's test rows; positive heads: (layer, head) "
+        "pairs whose sink divergence is > 0. p '-' rows are the models before fine-tuning.",
+        results_table(results),
+        f"Wall time per stage: {timing}." if timing else "",
+        "\n".join(f"![{p.stem}]({p.name})" for p in plots),
+    ])
+    out = run_dir / "report.md"
+    tmp = out.with_name(".report.md.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out

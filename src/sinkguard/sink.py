@@ -9,9 +9,11 @@ way the model's attention does.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -212,3 +214,45 @@ def mean_sink_values(
 def count_positive(divergence: Tensor) -> int:
     """Number of (layer, head) pairs with positive sink divergence."""
     return int((divergence > 0).sum().item())
+
+
+def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: str = "train",
+            sink_index: int = 0, batch_size: int = 8, max_length: int = 512, data_root=None) -> dict:
+    """Compute, save and return the divergence summary of `model_name` (JSON + heatmap in `out`)."""
+    from .data import encode_text, load_source, reference_pools
+    from .models import load_model, load_tokenizer
+    from .report import plot_sink_heatmap
+    from .train import atomic_write_json
+
+    if samples < 1:
+        raise SinkguardError(f"--samples must be >= 1, got {samples}")
+    if split == "train":
+        harmful, harmless = reference_pools(data_root)
+    else:
+        rows = load_source("beavertails", split, data_root)
+        harmful = [r for r in rows if not r["is_safe"]]
+        harmless = [r for r in rows if r["is_safe"]]
+    harmful, harmless = harmful[:samples], harmless[:samples]
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name).eval()
+
+    def encode(rows):
+        return [encode_text(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+
+    with torch.no_grad():
+        div = mean_sink_values(model, encode(harmful), tokenizer.pad_token_id, batch_size, sink_index,
+                               "harmful") - mean_sink_values(
+            model, encode(harmless), tokenizer.pad_token_id, batch_size, sink_index, "harmless")
+    out = Path(out)
+    positive = count_positive(div)
+    summary = {
+        "model": str(model_name), "positive_heads": positive, "total_heads": div.numel(),
+        "layers": div.shape[0], "heads": div.shape[1], "mean_divergence": float(div.mean()),
+        "settings": {"samples_harmful": len(harmful), "samples_harmless": len(harmless),
+                     "split": split, "sink_index": sink_index, "max_length": max_length},
+        "divergence": [[round(float(x), 7) for x in row] for row in div],
+    }
+    atomic_write_json(out / "sink_divergence.json", summary)
+    plot_sink_heatmap(div, out / "sink_divergence.png",
+                      f"{Path(str(model_name)).name}: {positive}/{div.numel()} heads with positive divergence")
+    return summary

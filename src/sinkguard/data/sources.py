@@ -7,6 +7,7 @@ have `label` (the gold answer used by the accuracy parsers); red-team sets have 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -210,12 +211,21 @@ def _hub(name: str, split: str) -> list[dict]:
 def load_source(
     name: str, split: str | None = None, root: str | os.PathLike | None = None, hub: bool = False
 ) -> list[dict]:
-    """Rows of a named source (see `LOCAL`), from the data root, or from the hub if `hub`."""
+    """Rows of a named source (see `LOCAL`), from the data root, or from the hub if `hub`.
+
+    Rows are shared with a per-process cache: copy a row before changing it.
+    """
     if name not in LOCAL:
         raise SinkguardError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOCAL))}")
     split = split or DEFAULT_SPLIT[name]
     if hub:
         return _validate(name, _hub(name, split))
+    return list(_load_local(name, split, str(data_root(root))))
+
+
+@functools.lru_cache(maxsize=32)
+def _load_local(name: str, split: str, root: str) -> tuple[dict, ...]:
+    """Parsed once per process: a grid reads the same files many times."""
     try:
         rows = LOCAL[name](root, split)
     except FileNotFoundError as exc:
@@ -223,7 +233,7 @@ def load_source(
             f"dataset {name!r}: {exc.args[0]} is missing under the data root; pass --data-root "
             f"or set {ENV}, or use the hub source (hub=True) when online"
         ) from None
-    return _validate(name, rows)
+    return tuple(_validate(name, rows))
 
 
 def _validate(name: str, rows: list[dict]) -> list[dict]:

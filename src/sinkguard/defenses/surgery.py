@@ -8,6 +8,7 @@ loss, with fresh texts drawn from the provider's harmful and harmless reference 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,21 @@ from ..errors import SinkguardError
 from ..sink import sink_values, sink_values_eager, surgery_penalty
 from . import Defense, register
 from .sft import SFTConfig, SinkguardTrainer
+
+
+class LazyEncoded(Sequence):
+    """Rows tokenised on first use: a step only ever touches a few pool texts."""
+
+    def __init__(self, rows: list[dict], encode: Callable[[dict], list[int]]) -> None:
+        self.rows, self.encode, self._cache = rows, encode, {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[int]:
+        if i not in self._cache:
+            self._cache[i] = self.encode(self.rows[i])
+        return self._cache[i]
 
 
 @dataclass
@@ -51,7 +67,7 @@ class SurgeryConfig(SFTConfig):
 class SurgeryTrainer(SinkguardTrainer):
     """Trainer adding Surgery's sink-divergence penalty to the task loss (alpha 0 = plain SFT)."""
 
-    def __init__(self, *args, harmful_pool: list[list[int]], harmless_pool: list[list[int]], **kwargs):
+    def __init__(self, *args, harmful_pool: Sequence[list[int]], harmless_pool: Sequence[list[int]], **kwargs):
         super().__init__(*args, **kwargs)
         if not harmful_pool or not harmless_pool:
             raise SinkguardError("Surgery needs non-empty harmful and harmless reference pools")
@@ -66,10 +82,10 @@ class SurgeryTrainer(SinkguardTrainer):
         """Tokenised reference pools: chat-formatted (prompt, response) pairs, no system prompt."""
         harmful, harmless = reference_pools(data_root, args.pool_fraction)
 
-        def encode(rows):
-            return [encode_text(tokenizer, r["prompt"], r["response"], args.pool_max_length) for r in rows]
+        def encode(row: dict) -> list[int]:
+            return encode_text(tokenizer, row["prompt"], row["response"], args.pool_max_length)
 
-        return {"harmful_pool": encode(harmful), "harmless_pool": encode(harmless)}
+        return {"harmful_pool": LazyEncoded(harmful, encode), "harmless_pool": LazyEncoded(harmless, encode)}
 
     def _batch(self, rows: list[list[int]], device) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self._pad([{"input_ids": ids} for ids in rows]).items()}

@@ -1,0 +1,141 @@
+"""Time and peak memory of one optimisation step: SFT vs our Surgery vs the official algorithm.
+
+All three run in this one invocation on the bundled model and the same 8 x 128-token batch:
+  sft       plain task step (SDPA attention)
+  surgery   + sink penalty from one fused SDPA forward of the drawn pool texts (ours)
+  official  + two batch-1 eager forwards with output_attentions=True (Lslland/Surgery)
+Timing interleaves the variants round-robin in one process (so machine load hits all alike);
+peak memory is each variant's peak RSS in its own fresh subprocess (CPU) or
+torch.cuda.max_memory_allocated (GPU). Usage: python benchmarks/surgery_step.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+VARIANTS = ("sft", "surgery", "official")
+
+
+def build(variant: str, model_name: str, batch: int, seq: int, device: str):
+    """A trainer for `variant` and one fixed batch of real text (alpaca rows cut to `seq` tokens)."""
+    from sinkguard.data import load_source
+    from sinkguard.defenses import get_defense
+    from sinkguard.models import load_model, load_tokenizer
+    from sinkguard.train import make_config
+
+    tok = load_tokenizer(model_name)
+    model = load_model(model_name, device=device).train()
+    ids = []
+    for row in load_source("alpaca", "train"):
+        t = tok(row["prompt"] + "\n" + row["response"])["input_ids"]
+        if len(t) >= seq:
+            ids.append(t[:seq])
+        if len(ids) == batch:
+            break
+    x = torch.tensor(ids, device=device)
+    inputs = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    defense = "sft" if variant == "sft" else "surgery"
+    extra = {} if variant == "sft" else {"sink_impl": "sdpa" if variant == "surgery" else "eager"}
+    args = make_config(defense, "finetuning", tempfile.mkdtemp(), save_strategy="no",
+                       per_device_train_batch_size=batch, use_cpu=device == "cpu", **extra)
+    spec = get_defense(defense)
+    kw = spec.trainer_cls.defense_inputs(args, tok) if variant != "sft" else {}
+    trainer = spec.trainer_cls(model=model, args=args, train_dataset=[{"input_ids": [0]}],
+                               processing_class=tok, **kw)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by train() in a real run
+    return trainer, inputs
+
+
+def step(trainer, inputs) -> None:
+    """One optimisation step through the trainer's own training_step."""
+    trainer.training_step(trainer.model, inputs)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def peak_memory(variant: str, args) -> float:
+    """Peak memory (MiB) of `variant` run alone for a few steps."""
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        trainer, inputs = build(variant, args.model, args.batch, args.seq, "cuda")
+        for _ in range(3):
+            step(trainer, inputs)
+        return torch.cuda.max_memory_allocated() / 2**20
+    out = subprocess.run(
+        [sys.executable, __file__, "--_memory-child", variant, "--model", args.model,
+         "--batch", str(args.batch), "--seq", str(args.seq)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--_memory-child", dest="child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        trainer, inputs = build(args.child, args.model, args.batch, args.seq, "cpu")
+        for _ in range(3):
+            step(trainer, inputs)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+
+    torch.manual_seed(0)
+    runs = {v: build(v, args.model, args.batch, args.seq, args.device) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for i in range(args.warmup + args.steps):
+        for v in VARIANTS:  # round-robin: background load affects every variant alike
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(*runs[v])
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[v].append(time.perf_counter() - t0)
+    del runs
+    median = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+    memory = {v: peak_memory(v, args) for v in VARIANTS}
+    result = {
+        "device": args.device, "model": args.model, "batch": [args.batch, args.seq],
+        "threads": torch.get_num_threads(),
+        "step_s": {v: round(median[v], 4) for v in VARIANTS},
+        "peak_mib": {v: round(memory[v], 1) for v in VARIANTS},
+        "ratio_surgery_vs_sft_time": round(median["surgery"] / median["sft"], 3),
+        "ratio_official_vs_sft_time": round(median["official"] / median["sft"], 3),
+        "speedup_surgery_vs_official": round(median["official"] / median["surgery"], 3),
+        "ratio_surgery_vs_sft_memory": round(memory["surgery"] / memory["sft"], 3),
+        "ratio_official_vs_sft_memory": round(memory["official"] / memory["sft"], 3),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"device {args.device}, {args.model}, batch {args.batch} x {args.seq} tokens, "
+          f"median of {args.steps} steps")
+    for v in VARIANTS:
+        print(f"  {v:9s} step {median[v]:.3f} s   peak memory {memory[v]:.0f} MiB")
+    print(f"  surgery / sft time      {result['ratio_surgery_vs_sft_time']:.3f}x  (target <= 1.25)")
+    print(f"  official / surgery time {result['speedup_surgery_vs_official']:.3f}x  (target >= 1.25)")
+    print(f"  official / sft time     {result['ratio_official_vs_sft_time']:.3f}x")
+    print(f"  surgery / sft memory    {result['ratio_surgery_vs_sft_memory']:.3f}x  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""A whole study on a tiny model: it runs, an interrupted run resumes to the same results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_model
+
+from sinkguard import experiment as exp_mod
+from sinkguard.errors import SinkguardError
+from sinkguard.experiment import ExperimentConfig, run_experiment
+from sinkguard.report import write_report
+
+
+class KeywordJudge:
+    """Deterministic stand-in for the trained judge: flags answers that do not refuse."""
+
+    name = "keyword"
+
+    def score(self, prompts, responses, **_):
+        return [0.0 if "sorry" in r else 1.0 for r in responses]
+
+    def is_harmful(self, prompts, responses, **_):
+        return [s > 0.5 for s in self.score(prompts, responses)]
+
+
+@pytest.fixture
+def tiny_dir(tokenizer, tmp_path):
+    model = make_model(len(tokenizer), seed=7)
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _config(model: str) -> ExperimentConfig:
+    stage = dict(samples=6, epochs=1, max_steps=2, lr=1e-3, batch_size=3, max_length=48)
+    return ExperimentConfig(
+        name="tiny", model=model, seeds=[1],
+        alignment=dict(defense="sft", lora=dict(r=2, alpha=4, dropout=0.0), **stage),
+        finetuning=dict(defenses=["sft", "surgery"], poison_ratios=[0.0, 0.5], **stage,
+                        options={"surgery": {"alpha": 10.0, "pool_max_length": 32}}),
+        evaluation=dict(hs_limit=3, fa_limit=3, max_new_tokens=3, batch_size=4, analyze_samples=2),
+    )
+
+
+def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, monkeypatch):
+    full = run_experiment(_config(tiny_dir), tmp_path / "a", judge=KeywordJudge())
+    assert len(full["records"]) == 2 + 4  # base + aligned, then 2 defenses x 2 ratios
+    assert {r["defense"] for r in full["records"]} == {"base", "aligned", "sft", "surgery"}
+    assert all(0 <= r["hs_beavertails"] <= 100 and r["fa_n"] == 3 for r in full["records"])
+
+    calls = {"n": 0}
+    original = exp_mod.Experiment.finetune
+
+    def crash_on_third(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(exp_mod.Experiment, "finetune", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_config(tiny_dir), tmp_path / "b", judge=KeywordJudge())
+    assert not (tmp_path / "b" / "results.json").exists()
+    monkeypatch.setattr(exp_mod.Experiment, "finetune", original)
+    resumed = run_experiment(_config(tiny_dir), tmp_path / "b", judge=KeywordJudge())
+
+    def strip(res):
+        return [{k: v for k, v in r.items()} for r in res["records"]]
+
+    assert strip(resumed) == strip(full)
+    report = write_report(tmp_path / "b")
+    text = report.read_text()
+    assert "| sst2 | surgery | 0.5 |" in text and (tmp_path / "b" / "fa.png").is_file()
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["records"] == resumed["records"]
+
+
+def test_bad_configs_are_clear_errors(tmp_path):
+    with pytest.raises(SinkguardError, match="unknown key"):
+        ExperimentConfig(finetuning={"poison": [0.1]})
+    with pytest.raises(SinkguardError, match="outside"):
+        ExperimentConfig(finetuning={"poison_ratios": [1.5]})
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SinkguardError, match="not valid YAML"):
+        ExperimentConfig.from_yaml(bad)
+    with pytest.raises(SinkguardError, match="not found"):
+        ExperimentConfig.from_yaml(tmp_path / "none.yaml")
