@@ -1,0 +1,201 @@
+"""Peak memory and step time of SFT, Vaccine and T-Vaccine alignment steps on the same batch.
+
+On the bundled model with the official alignment LoRA (r 8, alpha 4, dropout 0.1), one batch of
+refusal data (default 8 x 128 tokens), one process: every method gets a fresh model, one warm-up
+step (T-Vaccine scores and draws its layers there; Adam state is created), timed steps, then one
+step under a tensor-allocation tracker. Memory is torch's tensor allocations seen by a dispatch
+mode (every new storage made by an operator, freed when the storage dies), reported as the peak
+increase over what was live before the step (weights, optimizer state); CPU runs only (no CUDA
+counters needed). Usage: `python benchmarks/alignment_memory.py [--json] [--ablations]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from sinkguard.data import PadCollator, alignment_dataset, encode_example
+from sinkguard.defenses import get_defense
+from sinkguard.errors import SinkguardError
+from sinkguard.models import load_model, load_tokenizer
+from sinkguard.train import DEFAULT_SYSTEM_PROMPT, lora_config, make_config
+
+MB = 1024 * 1024
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live bytes of the tensor storages created by operators while active, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._sizes.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._sizes:  # views, in-place results, known
+                continue
+            self._sizes[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, nbytes)
+        return out
+
+
+def fixed_batch(tokenizer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """`batch_size` refusal examples at least `seq_len` tokens long, cut to exactly `seq_len`."""
+    chosen = []
+    for row in alignment_dataset(2000):
+        ex = encode_example(tokenizer, row["prompt"], row["response"], DEFAULT_SYSTEM_PROMPT, seq_len)
+        if len(ex["input_ids"]) == seq_len and any(label != -100 for label in ex["labels"]):
+            chosen.append(ex)
+            if len(chosen) == batch_size:
+                return PadCollator(tokenizer.pad_token_id)(chosen)
+    raise SinkguardError(f"only {len(chosen)} refusal examples reach {seq_len} tokens; lower --seq-len")
+
+
+def state_bytes(model: torch.nn.Module, optimizer) -> int:
+    """Bytes of weights, buffers and optimizer state (what is live before a step)."""
+    seen: dict[int, int] = {}
+    tensors = list(model.parameters()) + list(model.buffers())
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def run_method(label: str, defense: str, model_name: str, tokenizer, batch, steps: int, seed: int,
+               overrides: dict, workdir: str) -> dict:
+    """Fresh LoRA model + trainer for `defense`; warm-up, timed and tracked alignment steps."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(model_name), lora_config(r=8, alpha=4, dropout=0.1))
+    spec = get_defense(defense, "alignment")
+    args = make_config(defense, "alignment", os.path.join(workdir, label), learning_rate=1e-3,
+                       per_device_train_batch_size=len(batch["input_ids"]), max_steps=steps + 2,
+                       warmup_steps=0, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                       seed=seed, **overrides)
+    extra = spec.trainer_cls.defense_inputs(args, tokenizer, None)
+    trainer = spec.trainer_cls(model=model, args=args, train_dataset=[{"input_ids": [0]}],
+                               data_collator=PadCollator(tokenizer.pad_token_id),
+                               processing_class=tokenizer, **extra)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps + 2)
+    trainer.current_gradient_accumulation_steps = 1
+    wrapped = trainer.model
+
+    def step() -> float:
+        start = time.perf_counter()
+        trainer.training_step(wrapped, dict(batch))
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        wrapped.zero_grad(set_to_none=True)
+        trainer.state.global_step += 1
+        return time.perf_counter() - start
+
+    with AllocationTracker() as first_tracker:
+        first_time = step()
+    times = [step() for _ in range(steps)]
+    before = state_bytes(wrapped, trainer.optimizer)
+    with AllocationTracker() as tracker:
+        step()
+    out = {
+        "method": label, "defense": defense, "peak_step_mb": round(tracker.peak / MB, 1),
+        "state_mb": round(before / MB, 1), "step_s": round(sum(times) / len(times), 3),
+        "first_step_s": round(first_time, 3), "first_step_peak_mb": round(first_tracker.peak / MB, 1),
+    }
+    if defense == "tvaccine":
+        out["active_layers"] = list(trainer.active_layers)
+        out["full_layers"] = sorted(trainer.full_layers(trainer.active_layers))
+        out["n_layers"] = len(trainer.layers())
+        trainer.restore_model()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per method (after one warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
+    p.add_argument("--seed", type=int, default=43)
+    p.add_argument("--ablations", action="store_true",
+                   help="also T-Vaccine without checkpointing and with exact (non-reentrant) checkpointing")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(a.threads)
+    try:
+        tokenizer = load_tokenizer(a.model)
+        batch = fixed_batch(tokenizer, a.batch_size, a.seq_len)
+        methods = [("sft", "sft", {}), ("vaccine", "vaccine", {}), ("tvaccine", "tvaccine", {})]
+        if a.ablations:
+            methods += [("tvaccine-no-ckpt", "tvaccine", {"checkpoint_unselected": False}),
+                        ("tvaccine-exact-ckpt", "tvaccine", {"checkpoint_reentrant": False})]
+        with tempfile.TemporaryDirectory() as workdir:
+            rows = []
+            for label, d, o in methods:
+                rows.append(run_method(label, d, a.model, tokenizer, batch, a.steps, a.seed, o, workdir))
+                gc.collect()  # the previous method's model and trainer go before the next loads
+    except SinkguardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ref = {r["method"]: r for r in rows}
+    for r in rows:
+        r["peak_vs_vaccine"] = round(r["peak_step_mb"] / ref["vaccine"]["peak_step_mb"], 3)
+        r["peak_vs_sft"] = round(r["peak_step_mb"] / ref["sft"]["peak_step_mb"], 3)
+        r["time_vs_vaccine"] = round(r["step_s"] / ref["vaccine"]["step_s"], 3)
+        r["time_vs_sft"] = round(r["step_s"] / ref["sft"]["step_s"], 3)
+    result = {"model": a.model, "batch": [a.batch_size, a.seq_len], "threads": a.threads,
+              "memory": "peak increase of live torch tensor storages during one step (dispatch-mode tracker)",
+              "torch": torch.__version__, "rows": rows,
+              "target_tvaccine_peak_vs_vaccine": 0.8,
+              "tvaccine_peak_vs_vaccine": ref["tvaccine"]["peak_vs_vaccine"]}
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{a.model}, LoRA r=8 alpha=4, batch {a.batch_size} x {a.seq_len} tokens, {a.threads} thread(s); "
+          "memory = peak extra tensor bytes during one step")
+    print(f"{'method':22s} {'peak MB':>9s} {'xVaccine':>9s} {'xSFT':>6s} {'step s':>8s} {'xVaccine':>9s} "
+          f"{'xSFT':>6s} {'1st step s':>10s}")
+    for r in rows:
+        print(f"{r['method']:22s} {r['peak_step_mb']:9.1f} {r['peak_vs_vaccine']:9.3f} {r['peak_vs_sft']:6.3f} "
+              f"{r['step_s']:8.3f} {r['time_vs_vaccine']:9.3f} {r['time_vs_sft']:6.3f} {r['first_step_s']:10.3f}")
+    for r in rows:
+        if "active_layers" in r:
+            print(f"{r['method']}: active layers {r['active_layers']}, run without checkpointing "
+                  f"{r['full_layers']} of {r['n_layers']}")
+    ratio = ref["tvaccine"]["peak_vs_vaccine"]
+    print(f"T-Vaccine peak / Vaccine peak = {ratio:.3f} (target <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
