@@ -196,22 +196,23 @@ class Experiment:
             timings[name] = round(timings.get(name, 0) + time.time() - t0, 1)
             return out
 
+        # Train everything first, then evaluate: training needs no judge, and a crash in
+        # evaluation never costs a trained model.
+        jobs = []  # (label, task, p, seed, model path, model hash)
         for seed in cfg.seeds:
             aligned, a_hash = timed("alignment", self.align, seed)
-            baselines = []
-            if e["evaluate_base"] and cfg.alignment is not None:
-                baselines.append(("base", cfg.model, stage_hash(cfg.model)))
-            if e["evaluate_aligned"]:
-                baselines.append(("aligned", aligned, a_hash))
             for task in f["tasks"]:
-                for label, path, h in baselines:
-                    r = timed("evaluation", self.evaluate, path, h, task)
-                    records.append(self._record(label, task, None, seed, r))
+                if e["evaluate_base"] and cfg.alignment is not None:
+                    jobs.append(("base", task, None, seed, cfg.model, stage_hash(cfg.model)))
+                if e["evaluate_aligned"]:
+                    jobs.append(("aligned", task, None, seed, aligned, a_hash))
                 for defense in f["defenses"]:
                     for p in f["poison_ratios"]:
                         path, h = timed("finetuning", self.finetune, aligned, a_hash, defense, task, float(p), seed)
-                        r = timed("evaluation", self.evaluate, path, h, task)
-                        records.append(self._record(defense, task, float(p), seed, r))
+                        jobs.append((defense, task, float(p), seed, path, h))
+        for label, task, p, seed, path, h in jobs:
+            r = timed("evaluation", self.evaluate, path, h, task)
+            records.append(self._record(label, task, p, seed, r))
         results = {"name": cfg.name, "model": cfg.model, "records": records, "stage_wall_s": timings}
         atomic_write_json(self.run_dir / "results.json", results)
         return results
