@@ -79,6 +79,17 @@ def test_other_models_fit_and_predict(model, options):
     assert out.shape == (24, 3) and np.isfinite(out[["load", "temp"]].to_numpy()).all()
 
 
+def test_monthly_data_needs_an_explicit_cycle_only_for_cyclenet():
+    df = frame(300).assign(timestamp=pd.date_range("2000-01-01", periods=300, freq="MS"))
+    with pytest.raises(LTSFError, match="pass cycle="):
+        Forecaster("CycleNet", seq_len=24, pred_len=12, train_epochs=1).fit(df, date_col="timestamp")
+    out = Forecaster("Linear", seq_len=24, pred_len=12, train_epochs=1).fit(
+        df, date_col="timestamp").predict()
+    assert out["timestamp"].iloc[0] == pd.Timestamp("2025-01-01")
+    fc = Forecaster("CycleNet", seq_len=24, pred_len=12, cycle=12, train_epochs=1)
+    assert len(fc.fit(df, date_col="timestamp").predict(df.iloc[:100])) == 12
+
+
 def test_bad_inputs_give_clear_errors(fitted):
     fc, df = fitted
     with pytest.raises(LTSFError, match="no column 'date'"):

@@ -122,7 +122,7 @@ class Forecaster:
         series = _frame_to_series(df, date_col, cols, "DataFrame")
         freq = self._infer_freq(series)
         cfg = self.config
-        if self._cycle_given is None:
+        if self._cycle_given is None and cfg.model == "CycleNet":
             cfg = replace(cfg, cycle=self._default_cycle(freq))
         cfg = replace(cfg, enc_in=None).validate()
         data = make_splits(series, "custom", cfg.seq_len, cfg.pred_len, cycle=cfg.cycle)
