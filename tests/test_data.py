@@ -106,3 +106,14 @@ def test_cli_user_mistake_is_one_line_not_a_traceback(capsys):
     code = main(["finetune", "--task", "sst2", "--poison-ratio", "2", "--out", "/tmp/never"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "outside [0, 1]" in err[0]
+
+
+def test_custom_pool_source(tmp_path):
+    path = tmp_path / "pools.jsonl"
+    path.write_text('{"prompt": "a", "response": "b", "is_safe": false}\n'
+                    '{"prompt": "c", "response": "d", "is_safe": true}\n')
+    harmful, harmless = reference_pools(source=str(path))
+    assert [r["prompt"] for r in harmful] == ["a"] and [r["prompt"] for r in harmless] == ["c"]
+    path.write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(SinkguardError, match="boolean is_safe"):
+        reference_pools(source=str(path))

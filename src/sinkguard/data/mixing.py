@@ -21,14 +21,32 @@ def _beavertails_unsafe_train(root) -> list[dict]:
     return [r for r in load_source("beavertails", "train", root) if not r["is_safe"]]
 
 
-def reference_pools(
-    root: str | os.PathLike | None = None, pool_fraction: float = 0.5
-) -> tuple[list[dict], list[dict]]:
-    """Surgery's (harmful, harmless) reference pools from the beavertails train split.
+def _labelled_jsonl(path: str) -> list[dict]:
+    import json
 
-    The harmful pool is the last `pool_fraction` of the unsafe train rows, so it shares no row
-    with the attack rows (`attack_rows`), which come from the front. Test rows never enter.
+    if not os.path.isfile(path):
+        raise SinkguardError(f"pool source {path!r} is neither 'beavertails' nor a JSONL file")
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    for i, r in enumerate(rows):
+        if not r.get("prompt") or not r.get("response") or not isinstance(r.get("is_safe"), bool):
+            raise SinkguardError(f"{path} row {i}: needs non-empty prompt, response and a boolean is_safe")
+    return rows
+
+
+def reference_pools(
+    root: str | os.PathLike | None = None, pool_fraction: float = 0.5, source: str = "beavertails"
+) -> tuple[list[dict], list[dict]]:
+    """Surgery's (harmful, harmless) reference pools: `is_safe` false / true rows.
+
+    From the beavertails train split (default) the harmful pool is the last `pool_fraction` of
+    the unsafe rows, so it shares no row with the attack rows (`attack_rows`), which come from
+    the front; test rows never enter. `source` may also be a JSONL file with prompt, response,
+    is_safe (a provider's own pools), used whole.
     """
+    if source != "beavertails":
+        rows = _labelled_jsonl(source)
+        return [r for r in rows if not r["is_safe"]], [r for r in rows if r["is_safe"]]
     train = load_source("beavertails", "train", root)
     unsafe = [r for r in train if not r["is_safe"]]
     cut = len(unsafe) - int(round(pool_fraction * len(unsafe)))

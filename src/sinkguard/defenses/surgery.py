@@ -44,6 +44,10 @@ class SurgeryConfig(SFTConfig):
     regularizer_batch_size: int = field(
         default=1, metadata={"help": "harmful and harmless pool texts drawn per step (official: 1)"}
     )
+    pool_source: str = field(
+        default="beavertails",
+        metadata={"help": "reference pools: 'beavertails' (train split) or a JSONL with prompt, response, is_safe"},
+    )
     pool_fraction: float = field(
         default=0.5, metadata={"help": "share of the unsafe beavertails train rows kept as the harmful pool"}
     )
@@ -80,7 +84,7 @@ class SurgeryTrainer(SinkguardTrainer):
     @classmethod
     def defense_inputs(cls, args: SurgeryConfig, tokenizer, data_root=None) -> dict:
         """Tokenised reference pools: chat-formatted (prompt, response) pairs, no system prompt."""
-        harmful, harmless = reference_pools(data_root, args.pool_fraction)
+        harmful, harmless = reference_pools(data_root, args.pool_fraction, args.pool_source)
 
         def encode(row: dict) -> list[int]:
             return encode_text(tokenizer, row["prompt"], row["response"], args.pool_max_length)
