@@ -276,6 +276,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
         if previous and _same_config(previous.get("config") or {}, cfg):
             previous["cached"] = True
             return previous
+        log.warning("%s holds a run with another configuration; it is replaced", out_dir)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     t_start = time.perf_counter()
