@@ -38,7 +38,7 @@ def _config(model: str) -> ExperimentConfig:
     stage = dict(samples=6, epochs=1, max_steps=2, lr=1e-3, batch_size=3, max_length=48)
     return ExperimentConfig(
         name="tiny", model=model, seeds=[1],
-        alignment=dict(defense="sft", lora=dict(r=2, alpha=4, dropout=0.0), **stage),
+        alignment=dict(defenses=["sft"], lora=dict(r=2, alpha=4, dropout=0.0), **stage),
         finetuning=dict(defenses=["sft", "surgery"], poison_ratios=[0.0, 0.5], **stage,
                         options={"surgery": {"alpha": 10.0, "pool_max_length": 32}}),
         evaluation=dict(hs_limit=3, fa_limit=3, max_new_tokens=3, batch_size=4, analyze_samples=2),
@@ -73,7 +73,7 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
     assert strip(resumed) == strip(full)
     report = write_report(tmp_path / "b")
     text = report.read_text()
-    assert "| sst2 | surgery | 0.5 |" in text and (tmp_path / "b" / "fa.png").is_file()
+    assert "| sft | sst2 | surgery | 0.5 |" in text and (tmp_path / "b" / "fa.png").is_file()
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert saved["records"] == resumed["records"]
 

@@ -25,7 +25,7 @@ from .train import atomic_write_json
 log = logging.getLogger(__name__)
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "alignment": dict(defense="sft", samples=2000, epochs=1, max_steps=-1, lr=1e-3, batch_size=10,
+    "alignment": dict(defenses=["sft"], samples=2000, epochs=1, max_steps=-1, lr=1e-3, batch_size=10,
                       grad_accum=1, max_length=512, lora=dict(r=8, alpha=4, dropout=0.1),
                       system_prompt=None, options={}),
     "finetuning": dict(defenses=["sft"], tasks=["sst2"], poison_ratios=[0.1], attack="beavertails",
@@ -62,6 +62,11 @@ class ExperimentConfig:
                     f"known: {', '.join(STAGE_DEFAULTS[stage])}"
                 )
             setattr(self, stage, {**copy.deepcopy(STAGE_DEFAULTS[stage]), **(given or {})})
+        for section in (self.alignment, self.finetuning):
+            if section is not None and not isinstance(section["options"], dict):
+                raise SinkguardError("'options' must map a defense name to its settings")
+        if self.alignment is not None and isinstance(self.alignment["defenses"], str):
+            self.alignment["defenses"] = [self.alignment["defenses"]]
         ft = self.finetuning
         for p in ft["poison_ratios"]:
             if not 0 <= float(p) <= 1:
@@ -107,19 +112,18 @@ class Experiment:
         self.judge = judge
 
     # ------------------------------------------------------------------ stages
-    def align(self, seed: int) -> tuple[str, str]:
-        """(model path, stage hash) of the aligned model (the input model if no alignment)."""
+    def align(self, defense: str, seed: int) -> tuple[str, str]:
+        """(model path, stage hash) of the model aligned with `defense`."""
         from .data import alignment_dataset
         from .train import run_stage
 
         cfg = self.config
-        if cfg.alignment is None:
-            return cfg.model, stage_hash(cfg.model)
-        a = cfg.alignment
+        a = {k: v for k, v in cfg.alignment.items() if k != "defenses"}
+        a["defense"], a["options"] = defense, a["options"].get(defense, {})
         h = stage_hash("alignment", cfg.model, a, seed)
-        out = self.run_dir / "stages" / f"align-{a['defense']}-{h}"
+        out = self.run_dir / "stages" / f"align-{defense}-{h}"
         rows = alignment_dataset(a["samples"], cfg.data_root)
-        path = run_stage("alignment", a["defense"], cfg.model, rows, out, lora=a["lora"],
+        path = run_stage("alignment", defense, cfg.model, rows, out, lora=a["lora"],
                          system_prompt=a["system_prompt"], data_root=cfg.data_root,
                          settings={"seed": seed, **a}, **_overrides(a, seed), **a["options"])
         return str(path), h
@@ -130,7 +134,7 @@ class Experiment:
         from .train import run_stage
 
         f = self.config.finetuning
-        options = f["options"].get(defense, {}) if isinstance(f["options"], dict) else {}
+        options = f["options"].get(defense, {})
         settings = {k: v for k, v in f.items() if k not in ("defenses", "tasks", "poison_ratios", "options")}
         h = stage_hash("finetuning", base_hash, defense, task, p, seed, settings, options)
         out = self.run_dir / "stages" / f"ft-{defense}-{task}-p{p}-s{seed}-{h}"
@@ -198,28 +202,34 @@ class Experiment:
 
         # Train everything first, then evaluate: training needs no judge, and a crash in
         # evaluation never costs a trained model.
-        jobs = []  # (label, task, p, seed, model path, model hash)
+        jobs = []  # (alignment, label, task, p, seed, model path, model hash)
+        aligners = cfg.alignment["defenses"] if cfg.alignment is not None else ["none"]
         for seed in cfg.seeds:
-            aligned, a_hash = timed("alignment", self.align, seed)
-            for task in f["tasks"]:
-                if e["evaluate_base"] and cfg.alignment is not None:
-                    jobs.append(("base", task, None, seed, cfg.model, stage_hash(cfg.model)))
-                if e["evaluate_aligned"]:
-                    jobs.append(("aligned", task, None, seed, aligned, a_hash))
-                for defense in f["defenses"]:
-                    for p in f["poison_ratios"]:
-                        path, h = timed("finetuning", self.finetune, aligned, a_hash, defense, task, float(p), seed)
-                        jobs.append((defense, task, float(p), seed, path, h))
-        for label, task, p, seed, path, h in jobs:
+            for aligner in aligners:
+                if cfg.alignment is None:
+                    aligned, a_hash = cfg.model, stage_hash(cfg.model)
+                else:
+                    aligned, a_hash = timed("alignment", self.align, aligner, seed)
+                for task in f["tasks"]:
+                    if e["evaluate_base"] and cfg.alignment is not None and aligner == aligners[0]:
+                        jobs.append(("none", "base", task, None, seed, cfg.model, stage_hash(cfg.model)))
+                    if e["evaluate_aligned"]:
+                        jobs.append((aligner, "aligned", task, None, seed, aligned, a_hash))
+                    for defense in f["defenses"]:
+                        for p in f["poison_ratios"]:
+                            path, h = timed("finetuning", self.finetune, aligned, a_hash, defense, task,
+                                            float(p), seed)
+                            jobs.append((aligner, defense, task, float(p), seed, path, h))
+        for aligner, label, task, p, seed, path, h in jobs:
             r = timed("evaluation", self.evaluate, path, h, task)
-            records.append(self._record(label, task, p, seed, r))
+            records.append(self._record(aligner, label, task, p, seed, r))
         results = {"name": cfg.name, "model": cfg.model, "records": records, "stage_wall_s": timings}
         atomic_write_json(self.run_dir / "results.json", results)
         return results
 
     @staticmethod
-    def _record(defense: str, task: str, p: float | None, seed: int, r: dict) -> dict:
-        rec = {"defense": defense, "task": task, "poison_ratio": p, "seed": seed,
+    def _record(alignment: str, defense: str, task: str, p: float | None, seed: int, r: dict) -> dict:
+        rec = {"alignment": alignment, "defense": defense, "task": task, "poison_ratio": p, "seed": seed,
                "fa": r["fa"].get("fa"), "fa_n": r["fa"].get("n")}
         for name, s in r["hs"].items():
             rec[f"hs_{name}"] = s["hs"]

@@ -51,7 +51,7 @@ def _mean_std(values: list[float]) -> str:
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["task"], r["defense"], r["poison_ratio"]), []).append(r)
+        groups.setdefault((r.get("alignment", "-"), r["task"], r["defense"], r["poison_ratio"]), []).append(r)
     return groups
 
 
@@ -59,11 +59,11 @@ def results_table(results: dict) -> str:
     """Markdown table: HS per prompt set, refusal rate, FA and positive heads, mean ± std over seeds."""
     records = results["records"]
     hs_keys = sorted({k for r in records for k in r if k.startswith("hs_") and not k.endswith("_n")})
-    header = ["task", "defense", "p"] + [f"HS {k[3:]} (%)" for k in hs_keys] + \
+    header = ["alignment", "task", "defense", "p"] + [f"HS {k[3:]} (%)" for k in hs_keys] + \
              [f"refusal {k[3:]} (%)" for k in hs_keys] + ["FA (%)", "positive heads", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (task, defense, p), rows in _groups(records).items():
-        cells = [task, defense, "-" if p is None else f"{p:g}"]
+    for (aligner, task, defense, p), rows in _groups(records).items():
+        cells = [aligner, task, defense, "-" if p is None else f"{p:g}"]
         cells += [_mean_std([r.get(k) for r in rows]) for k in hs_keys]
         cells += [_mean_std([r.get("refusal_" + k[3:]) for r in rows]) for k in hs_keys]
         cells += [_mean_std([r.get("fa") for r in rows]),
@@ -85,16 +85,17 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
     for r in results["records"]:
         if r.get(metric) is None:
             continue
+        name = f"{r['defense']}" if r.get("alignment") in (None, "none") else f"{r['alignment']} + {r['defense']}"
         if r["poison_ratio"] is None:
-            flat.setdefault((r["task"], r["defense"]), []).append(r[metric])
+            flat.setdefault((r["task"], name), []).append(r[metric])
         else:
-            series.setdefault((r["task"], r["defense"]), {}).setdefault(r["poison_ratio"], []).append(r[metric])
-    for (task, defense), points in sorted(series.items()):
+            series.setdefault((r["task"], name), {}).setdefault(r["poison_ratio"], []).append(r[metric])
+    for (task, name), points in sorted(series.items()):
         xs = sorted(points)
-        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=f"{defense} ({task})")
-    for (task, defense), values in sorted(flat.items()):
-        ax.axhline(sum(values) / len(values), linestyle="--", linewidth=1, color="gray" if defense == "base" else "k",
-                   label=f"{defense} model ({task})")
+        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=f"{name} ({task})")
+    for (task, name), values in sorted(flat.items()):
+        ax.axhline(sum(values) / len(values), linestyle="--", linewidth=1, color="gray" if name == "base" else "k",
+                   label=f"{name} model ({task})")
     ax.set_xlabel("poison ratio p")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
