@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_data_root, add_model
-from .finetune import add_training_args, lora_from_args, training_overrides
+from .finetune import add_training_args, launch
 
 
 def register(sub) -> None:
@@ -22,15 +22,6 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import alignment_dataset
-    from ..train import run_stage
 
     rows = alignment_dataset(args.samples, args.data_root)
-    overrides = training_overrides(args)
-    if args.rho is not None:
-        overrides["rho"] = args.rho
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    path = run_stage("alignment", args.defense, args.model, rows, args.out, lora=lora_from_args(args),
-                     system_prompt=args.system_prompt, data_root=args.data_root, settings=settings,
-                     **overrides)
-    print(f"aligned model saved to {path}")
-    return 0
+    return launch("alignment", args, rows, **({"rho": args.rho} if args.rho is not None else {}))

@@ -32,9 +32,17 @@ def training_overrides(args: argparse.Namespace) -> dict:
     )
 
 
-def lora_from_args(args: argparse.Namespace) -> dict | None:
-    """The LoRA settings, or None for full fine-tuning."""
-    return dict(r=args.lora_r, alpha=args.lora_alpha, dropout=0.1) if args.lora else None
+def launch(stage: str, args: argparse.Namespace, rows: list[dict], **options) -> int:
+    """Run one training stage from parsed flags (shared by `align` and `finetune`)."""
+    from ..train import run_stage
+
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=0.1) if args.lora else None
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    path = run_stage(stage, args.defense, args.model, rows, args.out, lora=lora,
+                     system_prompt=args.system_prompt or None, data_root=args.data_root,
+                     settings=settings, **training_overrides(args), **options)
+    print(f"{stage} done: model saved to {path}")
+    return 0
 
 
 def register(sub) -> None:
@@ -56,16 +64,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import poisoned_dataset
-    from ..train import run_stage
 
     rows = poisoned_dataset(args.task, args.samples, args.poison_ratio, args.attack, args.seed, args.data_root)
-    overrides = training_overrides(args)
-    for name in ("alpha", "sink_impl"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    path = run_stage("finetuning", args.defense, args.model, rows, args.out, lora=lora_from_args(args),
-                     system_prompt=args.system_prompt or None, data_root=args.data_root,
-                     settings=settings, **overrides)
-    print(f"fine-tuned model saved to {path}")
-    return 0
+    options = {name: getattr(args, name) for name in ("alpha", "sink_impl") if getattr(args, name) is not None}
+    return launch("finetuning", args, rows, **options)
