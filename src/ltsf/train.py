@@ -9,7 +9,6 @@ tested at the end on every test window (`drop_last = False`).
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import logging
@@ -104,7 +103,7 @@ class EarlyStopping:
         """Record `val_loss`; return True when this epoch improved on the best."""
         if val_loss < self.best or self.best_state is None:
             self.best, self.best_epoch, self.counter = val_loss, epoch, 0
-            self.best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return True
         self.counter += 1
         return False
