@@ -2,10 +2,11 @@
 
 All three run in this one invocation on the bundled model and the same 8 x 128-token batch:
   sft       plain task step (SDPA attention)
-  surgery   + sink penalty from one fused SDPA forward of the drawn pool texts (ours)
+  surgery   + sink penalty read from the SDPA call of decoder-only pool forwards (ours)
   official  + two batch-1 eager forwards with output_attentions=True (Lslland/Surgery)
 Timing interleaves the variants round-robin in one process (so machine load hits all alike);
-peak memory is each variant's peak RSS in its own fresh subprocess (CPU) or
+peak memory is each variant's peak RSS over 3 steps (after the first), in its own fresh
+subprocess (CPU, Linux) or
 torch.cuda.max_memory_allocated (GPU). Usage: python benchmarks/surgery_step.py [--json]
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -92,9 +92,14 @@ def main() -> None:
 
     if args.child:
         trainer, inputs = build(args.child, args.model, args.batch, args.seq, "cpu")
+        step(trainer, inputs)  # optimizer state allocated
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak RSS (VmHWM): loading spikes are not the step's
         for _ in range(3):
             step(trainer, inputs)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        with open("/proc/self/status") as fh:
+            hwm = next(line for line in fh if line.startswith("VmHWM"))
+        print(int(hwm.split()[1]) / 1024)
         return
 
     torch.manual_seed(0)

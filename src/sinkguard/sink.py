@@ -132,10 +132,13 @@ def sink_values(
     sink_pos = _sink_positions(attention_mask, sink_index)
     indicator = torch.nn.functional.one_hot(sink_pos, input_ids.shape[1]).to(torch.float32)
     recorder = _Recorder(indicator)
+    # The decoder alone: the sink needs every attention layer but never the LM head's logits.
+    hf = unwrap(model)
+    body = hf.get_decoder() if hasattr(hf, "get_decoder") else hf
     with instrumented(model):
         _state.recorder = recorder
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             _state.recorder = None
     n_layers, n_heads = num_layers_heads(model)

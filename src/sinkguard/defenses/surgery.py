@@ -107,9 +107,10 @@ class SurgeryTrainer(SinkguardTrainer):
             return sink_values_eager(model, **self._batch(harmful, device), sink_index=k) - sink_values_eager(
                 model, **self._batch(harmless, device), sink_index=k
             )
-        # One forward for both groups: per-sample values do not depend on padding.
-        per_sample = sink_values(model, **self._batch(harmful + harmless, device), sink_index=k, reduce=False)
-        return per_sample[:n].mean(0) - per_sample[n:].mean(0)
+        # One forward per group (no padding across groups), decoder only (no LM head).
+        return sink_values(model, **self._batch(harmful, device), sink_index=k) - sink_values(
+            model, **self._batch(harmless, device), sink_index=k
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
