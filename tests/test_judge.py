@@ -133,6 +133,35 @@ def test_tiny_training_learns_the_toy_task(trained, toy_data):
     assert report["refusals"]["keyword_refusal_rate"] == pytest.approx(2 / 3)
 
 
+def test_split_forward_equals_full_forward(tiny_encoder_dir):
+    from sinkguard.evaluate.judge import JudgeModel, _Encoded, load_encoder
+
+    encoder, tokenizer = load_encoder(str(tiny_encoder_dir))
+    model = JudgeModel(encoder).eval()
+    batch = _Encoded(tokenizer, PROMPTS, SAFE[:3], 32).collate([0, 1, 2])
+    with torch.no_grad():
+        full = model(**batch)
+        for k in (0, 1, 2):
+            split = model.upper(model.lower(**batch, k=k), batch["attention_mask"], k)
+            assert torch.allclose(split, full, atol=1e-5)
+
+
+def test_partial_fine_tuning_trains_only_the_upper_blocks(tiny_encoder_dir, toy_data):
+    from sinkguard.evaluate.judge import load_encoder
+
+    encoder, tokenizer = load_encoder(str(tiny_encoder_dir))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    judge = train_judge(_tiny_config(tiny_encoder_dir, frozen_layers=1), data=toy_data,
+                        encoder=(encoder, tokenizer), save=False, progress=False)
+    after = judge.model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("embeddings.", "encoder.layer.0.")))
+    assert not torch.equal(before["encoder.layer.1.output.dense.weight"], after["encoder.layer.1.output.dense.weight"])
+    history = judge.info["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    with pytest.raises(SinkguardError, match="frozen_layers"):
+        train_judge(_tiny_config(tiny_encoder_dir, frozen_layers=2), data=toy_data, save=False, progress=False)
+
+
 def test_training_is_seeded(tiny_encoder_dir, toy_data, trained):
     again = train_judge(_tiny_config(tiny_encoder_dir), data=toy_data, save=False, progress=False)
     pairs = [r["prompt"] for r in toy_data.test], [r["response"] for r in toy_data.test]
