@@ -64,7 +64,7 @@ def tiny_encoder_dir(tmp_path_factory):
 
 def _tiny_config(encoder_dir, **kw) -> JudgeConfig:
     values = {"encoder": str(encoder_dir), "epochs": 4, "batch_size": 4, "lr": 2e-3, "head_lr": 1e-2,
-              "max_length": 32, "threads": 1, "refusal_rows": None}
+              "max_length": 32, "threads": 1, "refusal_rows": None, "frozen_layers": 0}
     values.update(kw)
     return JudgeConfig(**values)
 
