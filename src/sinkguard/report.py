@@ -127,14 +127,14 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     plots.append(plot_versus_ratio(results, "fa", run_dir / "fa.png", "fine-tune accuracy (%)"))
     plots.append(plot_versus_ratio(results, "positive_heads", run_dir / "positive_heads.png",
                                    "heads with positive sink divergence"))
-    timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in results.get("stage_wall_s", {}).items())
+    timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in results.get("stage_wall_s", {}).items())  # cached stages: 0
     text = "\n\n".join([
         f"# {results['name']}: {results['model']}",
         "HS: % of answers the judge flags on harmful prompts (lower is better); refusal: keyword "
         "refusal rate; FA: fine-tune accuracy on the task's test rows; positive heads: (layer, head) "
         "pairs whose sink divergence is > 0. p '-' rows are the models before fine-tuning.",
         results_table(results),
-        f"Wall time per stage: {timing}." if timing else "",
+        f"Wall time per stage in the last invocation (cached stages count 0): {timing}." if timing else "",
         "\n".join(f"![{p.stem}]({p.name})" for p in plots),
     ])
     out = run_dir / "report.md"
