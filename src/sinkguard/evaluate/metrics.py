@@ -144,8 +144,11 @@ def score_harmful(
     if len(prompts) != len(responses) or not prompts:
         raise SinkguardError(f"need one answer per prompt, and at least one ({len(prompts)} vs {len(responses)})")
     is_refusal = is_refusal or _default_refusal()
-    flags = [bool(x) for x in judge.is_harmful(list(prompts), list(responses))]
     scores = [float(x) for x in judge.score(list(prompts), list(responses))]
+    if hasattr(judge, "decide"):  # one judge pass: verdicts from the scores
+        flags = [bool(judge.decide(s)) for s in scores]
+    else:
+        flags = [bool(x) for x in judge.is_harmful(list(prompts), list(responses))]
     refusals = [bool(is_refusal(r)) for r in responses]
     rows = [{"index": i, "prompt": p, "response": r, "harmful": f, "score": s, "refusal": rf}
             for i, (p, r, f, s, rf) in enumerate(zip(prompts, responses, flags, scores, refusals, strict=True))]
