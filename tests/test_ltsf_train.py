@@ -210,3 +210,33 @@ def test_cli_user_mistakes_print_one_line(argv, match, capsys):
 def test_enc_in_mismatch_is_a_clear_error():
     with pytest.raises(LTSFError, match="enc_in"):
         build_model(RunConfig(enc_in=5), 7)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    write_sine_csv(tmp_path / "sine.csv")
+
+    def cfg(folder: str) -> RunConfig:
+        return RunConfig(model="SegRNN", data="custom", data_path="sine.csv", root_path=str(tmp_path),
+                         seq_len=48, pred_len=24, seg_len=24, d_model=16, dropout=0.5, batch_size=64,
+                         train_epochs=3, patience=3, learning_rate=0.01, lradj="type1",
+                         checkpoints=str(tmp_path / folder))
+
+    whole = run(cfg("whole"), progress=False)
+    step = EarlyStopping.step
+
+    def crash_at_epoch_2(self, val_loss, model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return step(self, val_loss, model, epoch)
+
+    monkeypatch.setattr(EarlyStopping, "step", crash_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg("cut"), progress=False)
+    folder = tmp_path / "cut" / cfg("cut").setting
+    assert (folder / "resume.pt").is_file() and not (folder / "results.json").exists()
+    monkeypatch.setattr(EarlyStopping, "step", step)
+    resumed = run(cfg("cut"), progress=False)
+    assert resumed["resumed_after_epoch"] == 1 and whole["resumed_after_epoch"] == 0
+    assert resumed["mse"] == whole["mse"] and resumed["mae"] == whole["mae"]
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in whole["history"]]
+    assert not (folder / "resume.pt").exists()

@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file in the same folder, then os.replace) for JSON and safetensors."""
+"""Atomic file writes (temp file in the same folder, then os.replace) for JSON, safetensors, torch."""
 
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     tmp = _temp_path(path)
     try:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """`torch.save` atomically (used for the per-epoch resume state)."""
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

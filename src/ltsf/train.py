@@ -28,13 +28,14 @@ from tqdm import tqdm  # not tqdm.auto: its async wrapper calls iter() twice, an
 from .config import RunConfig
 from .data import ForecastData, WindowDataset, collate_batch, load_benchmark
 from .errors import LTSFError
-from .io import load_weights, save_weights, write_json
+from .io import load_weights, save_torch, save_weights, write_json
 from .models import CycleNet, Linear, SegRNN
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
+RESUME = "resume.pt"
 
 
 def build_model(cfg: RunConfig, enc_in: int) -> nn.Module:
@@ -175,10 +176,44 @@ def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
 
 
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_resume(path: Path | None, cfg: RunConfig) -> dict[str, Any] | None:
+    """The resume state saved by an interrupted run of the same configuration, if any."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a damaged file only costs the epochs it held
+        log.warning("cannot read %s (%s); training starts from epoch 1", path, err)
+        return None
+    if not _same_config(state.get("config") or {}, cfg):
+        log.warning("%s belongs to another configuration; training starts from epoch 1", path)
+        return None
+    return state
+
+
 def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
-                checkpoint: Path | None = None, progress: bool = True) -> dict[str, Any]:
+                checkpoint: Path | None = None, progress: bool = True,
+                resume: Path | None = None) -> dict[str, Any]:
     """Train `model` in place on `data.train` with early stopping on `data.val`; load the best state.
 
+    With `resume`, the full training state (weights, optimizer, schedule, early stopping, RNG) is
+    saved there after every epoch and an interrupted run of the same configuration continues
+    from it, giving the same result as an uninterrupted run.
     Returns the per-epoch history, the epochs run, the best epoch and timings.
     """
     criterion = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
@@ -200,8 +235,19 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
     stopper = EarlyStopping(cfg.patience)
     history: list[dict[str, float]] = []
     train_time = 0.0
-    bar = tqdm(range(1, cfg.train_epochs + 1), desc=cfg.setting, disable=not progress,
-               unit="epoch", dynamic_ncols=True)
+    start = 1
+    saved = _load_resume(resume, cfg)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optim.load_state_dict(saved["optim"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        stopper.__dict__.update(saved["stopper"])
+        history, train_time, start = saved["history"], saved["train_time"], saved["epoch"] + 1
+        _set_rng_state(saved["rng"])
+        log.info("%s resumed after epoch %d", cfg.setting, saved["epoch"])
+    bar = tqdm(range(start, cfg.train_epochs + 1), desc=cfg.setting, disable=not progress,
+               unit="epoch", dynamic_ncols=True, initial=start - 1, total=cfg.train_epochs)
     model.train()
     for epoch in bar:
         lr = optim.param_groups[0]["lr"]
@@ -241,11 +287,18 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
             new_lr = lr_after_epoch(epoch, cfg.lradj, cfg.learning_rate)
             if new_lr is not None:
                 _set_lr(optim, new_lr)
+        if resume is not None:
+            save_torch(resume, {
+                "config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                "optim": optim.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "stopper": dict(stopper.__dict__), "history": history, "train_time": train_time,
+                "rng": _rng_state()})
     bar.close()
     model.load_state_dict(stopper.best_state)
     return {"history": history, "epochs_run": len(history), "best_epoch": stopper.best_epoch,
             "best_val_loss": stopper.best, "train_time_s": train_time,
-            "time_per_epoch_s": train_time / max(len(history), 1)}
+            "time_per_epoch_s": train_time / max(len(history), 1), "resumed_after_epoch": start - 1}
 
 
 def _set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
@@ -262,7 +315,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
     """Run one benchmark experiment end to end and write `results.json` + the best checkpoint.
 
     A finished run with the same configuration is not repeated (its results are returned with
-    `cached: true`) unless `overwrite`.
+    `cached: true`) unless `overwrite`; an interrupted one continues from its last finished epoch.
     """
     cfg.validate()
     out_dir = run_dir(cfg)
@@ -285,7 +338,10 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
     model = build_model(cfg, data.n_channels)
     n_params = count_parameters(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fit = train_model(model, data, cfg, checkpoint=out_dir / CHECKPOINT, progress=progress)
+    if overwrite:
+        (out_dir / RESUME).unlink(missing_ok=True)
+    fit = train_model(model, data, cfg, checkpoint=out_dir / CHECKPOINT, progress=progress,
+                      resume=out_dir / RESUME)
     pred, true = predict_windows(model, data.test, cfg.batch_size, data.target_only)
     scores = metrics(pred, true)
     result = {
@@ -297,7 +353,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
         "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
         "best_val_loss": fit["best_val_loss"], "train_time_s": fit["train_time_s"],
         "time_per_epoch_s": fit["time_per_epoch_s"],
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": time.perf_counter() - t_start, "resumed_after_epoch": fit["resumed_after_epoch"],
         "channels": data.n_channels,
         "windows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -305,6 +361,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
         "checkpoint": CHECKPOINT, "config": cfg.to_dict(), "history": fit["history"],
     }
     write_json(results_path, result)
+    (out_dir / RESUME).unlink(missing_ok=True)
     return result
 
 
