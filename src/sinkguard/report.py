@@ -72,6 +72,28 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_times(run_dir: str | os.PathLike) -> str:
+    """Markdown table of every finished stage's own wall time (from its train_log.json / eval.json)."""
+    import json
+
+    def label(folder: Path, info: dict) -> str:
+        if folder.name.startswith("eval-"):
+            model = Path(info.get("model", "?"))
+            return "eval of " + (model.parent.name.rsplit("-", 1)[0] if model.parent.parent.name == "stages"
+                                 else str(model))
+        return folder.name.rsplit("-", 1)[0]
+
+    rows = []
+    for folder in Path(run_dir, "stages").glob("*"):
+        for name in ("train_log.json", "eval.json"):
+            info = json.loads((folder / name).read_text()) if (folder / name).is_file() else {}
+            if info.get("wall_s") is not None:
+                rows.append(({"align": 0, "ft": 1}.get(folder.name.split("-")[0], 2), label(folder, info),
+                             info["wall_s"]))
+    lines = [f"| {name} | {wall / 60:.1f} |" for _, name, wall in sorted(rows)]
+    return "\n".join(["| stage | wall (min) |", "|---|---|", *lines]) if lines else ""
+
+
 def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabel: str) -> Path:
     """Line plot of `metric` against the poison ratio, one line per defense (and task)."""
     import matplotlib
@@ -128,6 +150,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     plots.append(plot_versus_ratio(results, "positive_heads", run_dir / "positive_heads.png",
                                    "heads with positive sink divergence"))
     timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in results.get("stage_wall_s", {}).items())  # cached stages: 0
+    stages = stage_times(run_dir)
     text = "\n\n".join([
         f"# {results['name']}: {results['model']}",
         "HS: % of answers the judge flags on harmful prompts (lower is better); refusal: keyword "
@@ -135,6 +158,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         "pairs whose sink divergence is > 0. p '-' rows are the models before fine-tuning.",
         results_table(results),
         f"Wall time per stage in the last invocation (cached stages count 0): {timing}." if timing else "",
+        f"Wall time of each stage when it ran:\n\n{stages}" if stages else "",
         "\n".join(f"![{p.stem}]({p.name})" for p in plots),
     ])
     out = run_dir / "report.md"
