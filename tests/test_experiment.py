@@ -74,7 +74,8 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
     report = write_report(tmp_path / "b")
     text = report.read_text()
     assert "| sft | sst2 | surgery | 0.5 |" in text and (tmp_path / "b" / "fa.png").is_file()
-    for stage in ("align-sft", "ft-surgery-sst2-p0.5-s1", "eval of ft-sft-sst2-p0.0-s1", "eval of align-sft"):
+    for stage in ("align-sft", "ft-surgery-sst2-p0.5-s1 (from align-sft)",
+                  "eval of ft-sft-sst2-p0.0-s1 (from align-sft)", "eval of align-sft"):
         assert f"| {stage} | " in text
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert saved["records"] == resumed["records"]

@@ -76,21 +76,24 @@ def stage_times(run_dir: str | os.PathLike) -> str:
     """Markdown table of every finished stage's own wall time (from its train_log.json / eval.json)."""
     import json
 
-    def label(folder: Path, info: dict) -> str:
-        if folder.name.startswith("eval-"):
-            model = Path(info.get("model", "?"))
-            return "eval of " + (model.parent.name.rsplit("-", 1)[0] if model.parent.parent.name == "stages"
-                                 else str(model))
-        return folder.name.rsplit("-", 1)[0]
-
-    rows = []
-    for folder in Path(run_dir, "stages").glob("*"):
+    def info(folder: Path) -> dict:
         for name in ("train_log.json", "eval.json"):
-            info = json.loads((folder / name).read_text()) if (folder / name).is_file() else {}
-            if info.get("wall_s") is not None:
-                rows.append(({"align": 0, "ft": 1}.get(folder.name.split("-")[0], 2), label(folder, info),
-                             info["wall_s"]))
-    lines = [f"| {name} | {wall / 60:.1f} |" for _, name, wall in sorted(rows)]
+            if (folder / name).is_file():
+                return json.loads((folder / name).read_text())
+        return {}
+
+    def label(folder: Path) -> str:
+        """Stage name without its hash, followed by the stage whose model it started from."""
+        model = Path(str(info(folder).get("model", "")))
+        source = label(model.parent) if model.parent.parent.name == "stages" else ""
+        if folder.name.startswith("eval-"):
+            return f"eval of {source or model}"
+        return folder.name.rsplit("-", 1)[0] + (f" (from {source})" if source else "")
+
+    order = {"align": 0, "ft": 1}
+    rows = sorted((order.get(f.name.split("-")[0], 2), label(f), info(f)["wall_s"])
+                  for f in Path(run_dir, "stages").glob("*") if info(f).get("wall_s") is not None)
+    lines = [f"| {name} | {wall / 60:.1f} |" for _, name, wall in rows]
     return "\n".join(["| stage | wall (min) |", "|---|---|", *lines]) if lines else ""
 
 
@@ -146,9 +149,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     plots = []
     for key in hs_keys:
         plots.append(plot_versus_ratio(results, key, run_dir / f"{key}.png", f"harmful score {key[3:]} (%)"))
-    plots.append(plot_versus_ratio(results, "fa", run_dir / "fa.png", "fine-tune accuracy (%)"))
-    plots.append(plot_versus_ratio(results, "positive_heads", run_dir / "positive_heads.png",
-                                   "heads with positive sink divergence"))
+    for key, ylabel in (("fa", "fine-tune accuracy (%)"), ("positive_heads", "heads with positive sink divergence")):
+        if any(r.get(key) is not None for r in results["records"]):  # e.g. no sink analysis configured
+            plots.append(plot_versus_ratio(results, key, run_dir / f"{key}.png", ylabel))
     timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in results.get("stage_wall_s", {}).items())  # cached stages: 0
     stages = stage_times(run_dir)
     text = "\n\n".join([
