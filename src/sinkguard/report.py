@@ -74,8 +74,10 @@ def results_table(results: dict) -> str:
 
 def stage_times(run_dir: str | os.PathLike) -> str:
     """Markdown table of every finished stage's own wall time (from its train_log.json / eval.json)."""
+    import functools
     import json
 
+    @functools.cache
     def info(folder: Path) -> dict:
         for name in ("train_log.json", "eval.json"):
             if (folder / name).is_file():
