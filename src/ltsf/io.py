@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,52 +13,40 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _temp_path(path: Path) -> Path:
+def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temp file beside `path`, then move it into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON atomically, so a crash never leaves half a file."""
-    path = Path(path)
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> None:
     """Save a state dict as safetensors atomically (tensors made contiguous CPU copies)."""
-    path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    tmp = _temp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     """`torch.save` atomically (used for the per-epoch resume state)."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
