@@ -117,3 +117,15 @@ def test_custom_pool_source(tmp_path):
     path.write_text('{"prompt": "a", "response": "b"}\n')
     with pytest.raises(SinkguardError, match="boolean is_safe"):
         reference_pools(source=str(path))
+
+
+def test_defense_harmful_set_shares_no_prompt_with_the_attack_rows():
+    from sinkguard.data import attack_rows, defense_harmful_set
+
+    harmful = defense_harmful_set()
+    attack = {r["prompt"] for r in attack_rows("beavertails")}
+    assert harmful and all(r["harmful"] for r in harmful)
+    assert not attack & {r["prompt"] for r in harmful}
+    assert len(defense_harmful_set(10)) == 10
+    with pytest.raises(SinkguardError, match="ask for fewer"):
+        defense_harmful_set(len(harmful) + 1)

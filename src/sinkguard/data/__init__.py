@@ -6,6 +6,7 @@ from .mixing import (
     TASKS,
     alignment_dataset,
     attack_rows,
+    defense_harmful_set,
     harmful_eval_prompts,
     poisoned_dataset,
     reference_pools,
@@ -14,6 +15,6 @@ from .sources import data_root, load_source
 
 __all__ = [
     "ATTACKS", "IGNORE_INDEX", "TASKS", "PadCollator", "alignment_dataset", "attack_rows",
-    "data_root", "encode_example", "encode_text", "harmful_eval_prompts", "load_source",
-    "messages", "poisoned_dataset", "reference_pools",
+    "data_root", "defense_harmful_set", "encode_example", "encode_text", "harmful_eval_prompts",
+    "load_source", "messages", "poisoned_dataset", "reference_pools",
 ]

@@ -53,6 +53,24 @@ def reference_pools(
     return unsafe[cut:], [r for r in train if r["is_safe"]]
 
 
+def defense_harmful_set(
+    n: int | None = None, root: str | os.PathLike | None = None, pool_fraction: float = 0.5
+) -> list[dict]:
+    """A defense's own harmful (prompt, harmful answer) set: the first `n` rows of the BeaverTails
+    train region that the attack rows never use (Surgery's harmful pool), less rows whose prompt an attack row has.
+
+    Used by Lisa, Panacea, Antidote, Booster, RepNoise, Antibody and T-Vaccine; never the test split.
+    """
+    attack_prompts = {r["prompt"] for r in attack_rows("beavertails", root, True, pool_fraction)}
+    rows = [r for r in reference_pools(root, pool_fraction)[0] if r["prompt"] not in attack_prompts]
+    if n is not None and n > len(rows):
+        raise SinkguardError(
+            f"{n} harmful rows requested but only {len(rows)} BeaverTails train rows are disjoint from "
+            "the attack rows; ask for fewer"
+        )
+    return [{"prompt": r["prompt"], "response": r["response"], "harmful": True} for r in rows[:n]]
+
+
 def attack_rows(
     attack: str, root: str | os.PathLike | None = None, disjoint_from_pools: bool = True,
     pool_fraction: float = 0.5,

@@ -47,5 +47,6 @@ class SinkguardTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-register(Defense("sft", ("alignment", "finetuning"), SFTConfig, SinkguardTrainer,
-                 "plain supervised fine-tuning (no defense)"))
+for _stage in ("alignment", "finetuning"):
+    register(Defense("sft", _stage, SFTConfig, SinkguardTrainer, "plain supervised fine-tuning (no defense)",
+                     fidelity="baseline"))

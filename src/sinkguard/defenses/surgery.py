@@ -132,5 +132,7 @@ class SurgeryTrainer(SinkguardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-register(Defense("surgery", ("finetuning",), SurgeryConfig, SurgeryTrainer,
-                 "attention-sink divergence regulariser (fine-tuning stage)"))
+register(Defense("surgery", "finetuning", SurgeryConfig, SurgeryTrainer,
+                 "attention-sink divergence regulariser (fine-tuning stage)",
+                 paper="Mitigating Harmful Fine-Tuning for Large Language Models via Attention Sink (2026)",
+                 official_code="Lslland/Surgery"))

@@ -242,5 +242,8 @@ class TVaccineTrainer(PerturbationTrainer):
         super().log(logs, *args, **kwargs)
 
 
-register(Defense("tvaccine", ("alignment",), TVaccineConfig, TVaccineTrainer,
-                 "targeted Vaccine: perturb and train only gradient-norm-sampled safety-critical layers"))
+register(Defense("tvaccine", "alignment", TVaccineConfig, TVaccineTrainer,
+                 "targeted Vaccine: perturb and train only gradient-norm-sampled safety-critical layers",
+                 paper="Liu et al. 2024, Targeted Vaccine: Safety Alignment for Large Language Models "
+                       "against Harmful Fine-Tuning via Layer-wise Perturbation",
+                 official_code="Lslland/T-Vaccine"))

@@ -247,5 +247,7 @@ class VaccineTrainer(PerturbationTrainer):
     """Vaccine: every decoder layer's attention output is perturbed (official `Vaccine` trainer)."""
 
 
-register(Defense("vaccine", ("alignment",), VaccineConfig, VaccineTrainer,
-                 "perturbation-aware alignment: adversarial hidden-state perturbation on every layer"))
+register(Defense("vaccine", "alignment", VaccineConfig, VaccineTrainer,
+                 "perturbation-aware alignment: adversarial hidden-state perturbation on every layer",
+                 paper="Huang et al. 2024, Vaccine: Perturbation-aware Alignment for Large Language Models",
+                 official_code="git-disl/Vaccine"))
