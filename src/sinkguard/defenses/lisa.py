@@ -18,7 +18,7 @@ import torch
 from ..data import PadCollator, alignment_dataset, encode_example
 from ..errors import SinkguardError
 from . import Defense, register
-from .checkpoint_state import CheckpointedStateMixin
+from .state import BatchStream, CheckpointedStateMixin
 from .sft import SFTConfig, SinkguardTrainer
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class LisaTrainer(CheckpointedStateMixin, SinkguardTrainer):
         self.anchor_start: int | None = None
         self.lisa_state: str | None = None
         self._micro = (-1, 0)
-        self._perms: dict[int, list[int]] = {}
+        self._stream = BatchStream(len(alignment_set), self.args.per_device_train_batch_size, self.args.seed)
         self._warned = False
 
     @classmethod
@@ -127,20 +127,11 @@ class LisaTrainer(CheckpointedStateMixin, SinkguardTrainer):
         return self.args.rho > 0 and step > self.args.proximal_warmup_ratio * self.state.max_steps
 
     def alignment_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """The next alignment batch: a stream of per-epoch random permutations of the alignment set,
-        indexed by how many alignment micro-batches came before (so a resumed run draws the same)."""
-        bs = self.args.per_device_train_batch_size
-        n = len(self.alignment_set)
-        first = (alignment_steps_before(step, self.args.alignment_steps, self.args.finetune_steps)
-                 * self.args.gradient_accumulation_steps + micro) * bs
-        picks = []
-        for pos in range(first, first + bs):
-            epoch, i = divmod(pos, n)
-            if epoch not in self._perms:
-                gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
-                self._perms = {epoch: torch.randperm(n, generator=gen).tolist()}
-            picks.append(self._perms[epoch][i])
-        return self._pad([self.alignment_set[i] for i in picks])
+        """The alignment batch of micro-batch `micro` of step `step`: numbered by how many alignment
+        micro-batches came before it, so a resumed run draws the same ones."""
+        number = alignment_steps_before(step, self.args.alignment_steps, self.args.finetune_steps) \
+            * self.args.gradient_accumulation_steps + micro
+        return self._pad([self.alignment_set[i] for i in self._stream.indices(number)])
 
     # --- anchor ------------------------------------------------------------------------------
 

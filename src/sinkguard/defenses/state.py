@@ -1,8 +1,9 @@
-"""Trainer state kept in tensors beside each checkpoint (Lisa's anchor, Panacea's eps).
+"""Resumable per-run state of a defense: tensors kept beside each checkpoint (Lisa's anchor,
+Panacea's eps) and a step-indexed sampling stream over an extra data set.
 
 Trainer checkpoints hold the weights, optimizer and RNG states but not a defense's own tensors;
-this mixin writes them as `<checkpoint>/<name>.safetensors` and reads them back on resume, so
-an interrupted run continues exactly as an uninterrupted one.
+the mixin writes them as `<checkpoint>/<name>.safetensors` and reads them back on resume, so an
+interrupted run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -49,3 +50,24 @@ class CheckpointedStateMixin:
                     metadata = dict(fh.metadata() or {})
                 self.restore_state(load_file(str(path)), metadata)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class BatchStream:
+    """Batches of an extra data set drawn from a stream of per-epoch random permutations (the
+    official code's RandomSampler loader, restarted when exhausted), addressed by batch number so
+    that a resumed run draws the same batches."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perm: tuple[int, list[int]] | None = None
+
+    def indices(self, number: int) -> list[int]:
+        """Row indices of batch `number` (0-based)."""
+        out = []
+        for pos in range(number * self.batch_size, (number + 1) * self.batch_size):
+            epoch, i = divmod(pos, self.n)
+            if self._perm is None or self._perm[0] != epoch:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = (epoch, torch.randperm(self.n, generator=gen).tolist())
+            out.append(self._perm[1][i])
+        return out
