@@ -18,8 +18,8 @@ import torch
 from ..data import PadCollator, alignment_dataset, encode_example
 from ..errors import SinkguardError
 from . import Defense, register
-from .state import BatchStream, CheckpointedStateMixin
 from .sft import SFTConfig, SinkguardTrainer
+from .state import BatchStream, CheckpointedStateMixin
 
 log = logging.getLogger(__name__)
 
