@@ -1,4 +1,4 @@
-"""`sinkguard` command line: align | finetune | evaluate | analyze | run | report | judge."""
+"""`sinkguard` command line: align | finetune | evaluate | analyze | run | report | judge | repair | defenses."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "sinkguard.commands.run",
     "sinkguard.commands.report",
     "sinkguard.commands.judge",
+    "sinkguard.commands.repair",
+    "sinkguard.commands.defenses",
 )
 
 
