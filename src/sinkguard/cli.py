@@ -1,4 +1,4 @@
-"""`sinkguard` command line: align | finetune | evaluate | analyze | run | report | judge."""
+"""`sinkguard` command line: align | finetune | repair | evaluate | analyze | run | report | judge."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .errors import SinkguardError
 COMMAND_MODULES = (
     "sinkguard.commands.align",
     "sinkguard.commands.finetune",
+    "sinkguard.commands.repair",
     "sinkguard.commands.evaluate",
     "sinkguard.commands.analyze",
     "sinkguard.commands.run",
