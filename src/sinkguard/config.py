@@ -104,7 +104,10 @@ def coerce(value: Any, hint, label: str, from_text: bool = False) -> Any:
         arms = typing.get_args(hint)
         if type(None) in arms and (value is None or (from_text and str(value).lower() in ("none", "null"))):
             return None
-        for arm in (a for a in arms if a is not type(None)):
+        real = [a for a in arms if a is not type(None)]
+        if len(real) == 1:
+            return coerce(value, real[0], label, from_text)
+        for arm in real:
             try:
                 return coerce(value, arm, label, from_text)
             except SinkguardError:
@@ -336,7 +339,7 @@ class TrainingStage:
             self.options[name] = check_options(name, self.stage, opts or {})
         from .train import make_config, stage_arguments
 
-        for name in self.defenses:  # the defense's own checks (its __post_init__), before any model loads
+        for name in dict.fromkeys([*self.defenses, *self.options]):  # the defense's own checks (its __post_init__), before any model loads
             make_config(name, self.stage, "unused", **stage_arguments(self, 0), **self.defense_options(name))
 
     def defense_options(self, defense: str) -> dict[str, Any]:
@@ -418,7 +421,7 @@ class EvaluationConfig:
     label_aliases: bool = setting(False, help="AG News: also accept spelled-out 'Sci/Tech' forms",
                                   flag="--label-aliases")
     number_fallback: bool = setting(True, help="GSM8K: without 'The final answer is: N', score the last "
-                                    "number (official)")
+                                    "number (official)", flag="--number-fallback")
     analyze_samples: int = setting(16, help="texts per group for the sink analysis (0: skip)", lo=0)
     evaluate_base: bool = setting(True, help="also evaluate the model before alignment")
     evaluate_aligned: bool = setting(True, help="also evaluate each aligned model before fine-tuning")
@@ -486,12 +489,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ..
             kwargs["help"] = f"{meta['help']} (default {'on' if default else 'off'})"
         else:
             kwargs["type"] = str if f.name == "hs_sets" else _flag_type(hint)
-            kwargs["metavar"] = meta["flag"].lstrip("-").upper().replace("-", "_")
             shown = "none" if default is None else default
             suffix = "" if "default" in meta["help"] else f" (default {shown})"
             kwargs["help"] = f"{meta['help']}{suffix}".replace("%", "%%")
             if meta.get("choices") is not None and f.name not in ("defenses", "hs_sets"):
                 kwargs["choices"] = list(meta["choices"]())
+            else:
+                kwargs["metavar"] = meta["flag"].lstrip("-").upper().replace("-", "_")
         parser.add_argument(meta["flag"], **kwargs)
     if "lora" in {f.name for f in dataclasses.fields(cls)} and "lora" not in exclude:
         lora = (defaults or {}).get("lora", example.lora)
