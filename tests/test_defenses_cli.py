@@ -60,10 +60,13 @@ def test_repair_command_writes_model_and_log(tokenizer, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["repair", "--defense", "lisa", "--model", "x", "--out", "y"], "not post_finetuning"),
+    (["repair", "--defense", "lisa", "--model", "x", "--out", "y"], "valid: antidote"),
     (["repair", "--defense", "antidote", "--model", "x", "--out", "y", "--dense-ratio", "2"], "dense_ratio"),
 ])
-def test_repair_user_mistakes_are_one_line(argv, match, capsys):
+def test_repair_user_mistakes_are_one_line(argv, match, capsys, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("{}")
+    argv = [str(tmp_path / a) if a in ("x", "y") else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err

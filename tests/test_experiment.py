@@ -39,7 +39,7 @@ def _config(model: str) -> ExperimentConfig:
     return ExperimentConfig(
         name="tiny", model=model, seeds=[1],
         alignment=dict(defenses=["sft"], lora=dict(r=2, alpha=4, dropout=0.0), **stage),
-        finetuning=dict(defenses=["sft", "surgery"], poison_ratios=[0.0, 0.5], **stage,
+        finetuning=dict(defenses=["sft", "surgery"], poison_ratios=[0.0, 0.5], **stage, allow_drop=True,
                         options={"surgery": {"alpha": 10.0, "pool_max_length": 32}}),
         evaluation=dict(hs_limit=3, fa_limit=3, max_new_tokens=3, batch_size=4, analyze_samples=2),
     )
@@ -84,7 +84,7 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
 def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(SinkguardError, match="unknown key"):
         ExperimentConfig(finetuning={"poison": [0.1]})
-    with pytest.raises(SinkguardError, match="outside"):
+    with pytest.raises(SinkguardError, match=r"poison_ratios must be in \[0, 1\], got 1.5"):
         ExperimentConfig(finetuning={"poison_ratios": [1.5]})
     bad = tmp_path / "x.yaml"
     bad.write_text("name: [unclosed\n")

@@ -1,4 +1,4 @@
-"""`sinkguard` command line: align | finetune | evaluate | analyze | run | report | judge | repair | defenses."""
+"""`sinkguard` command line: align | finetune | repair | evaluate | analyze | run | report | judge | defenses."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from .errors import SinkguardError
 COMMAND_MODULES = (
     "sinkguard.commands.align",
     "sinkguard.commands.finetune",
+    "sinkguard.commands.repair",
     "sinkguard.commands.evaluate",
     "sinkguard.commands.analyze",
     "sinkguard.commands.run",
     "sinkguard.commands.report",
     "sinkguard.commands.judge",
-    "sinkguard.commands.repair",
     "sinkguard.commands.defenses",
 )
 

@@ -1,13 +1,14 @@
-"""Run a whole study from one YAML config: align -> fine-tune grid -> evaluate -> results.json.
+"""Run a whole study from one YAML config: align -> fine-tune grid -> post-fine-tune -> evaluate -> results.json.
 
 Every stage lives in `RUN_DIR/stages/<kind>-<hash>/`, the hash covering the stage's settings and
 everything upstream, so a grid reuses one aligned model and an interrupted study resumes where it
-stopped (finished stages are skipped, unfinished ones resume from their checkpoints).
+stopped (finished stages are skipped, unfinished ones resume from their checkpoints). `plan()`
+lists the stages without loading anything; `sinkguard run --dry-run` prints it.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,76 +20,83 @@ from typing import Any
 
 import yaml
 
+from .config import (
+    AlignmentConfig,
+    EvaluationConfig,
+    FinetuningConfig,
+    PostFinetuningConfig,
+    check_run_name,
+    coerce,
+    from_dict,
+)
 from .errors import SinkguardError
-from .train import atomic_write_json
+from .io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "alignment": dict(defenses=["sft"], samples=2000, epochs=1, max_steps=-1, lr=1e-3, batch_size=10,
-                      grad_accum=1, max_length=512, lora=dict(r=8, alpha=4, dropout=0.1),
-                      system_prompt=None, options={}),
-    "finetuning": dict(defenses=["sft"], tasks=["sst2"], poison_ratios=[0.1], attack="beavertails",
-                       samples=1000, epochs=1, max_steps=-1, lr=5e-6, batch_size=10, grad_accum=1,
-                       max_length=512, lora=None, system_prompt="You are a helpful assistant.",
-                       options={}),
-    "evaluation": dict(hs_sets=["beavertails"], hs_limit=100, fa_limit=200, max_new_tokens=64,
-                       fa_max_new_tokens=None, batch_size=16, template="chat", analyze_samples=32,
-                       evaluate_base=True, evaluate_aligned=True),
-}
+SECTIONS = {"alignment": AlignmentConfig, "finetuning": FinetuningConfig,
+            "post_finetuning": PostFinetuningConfig, "evaluation": EvaluationConfig}
+TOP_KEYS = ("name", "model", "seeds", "data_root", *SECTIONS)
 
 
 @dataclass
 class ExperimentConfig:
-    """A study: the model, seeds, and the settings of each stage (see configs/*.yaml)."""
+    """A study: the model, seeds, and the typed settings of each stage (see configs/*.yaml).
+
+    Sections may be given as mappings (YAML); they are validated into their dataclasses at once.
+    `alignment: null` skips alignment (the model is fine-tuned as given).
+    """
 
     name: str = "experiment"
     model: str = "smollm2-135m-instruct"
     seeds: list[int] = field(default_factory=lambda: [43])
     data_root: str | None = None
-    alignment: dict[str, Any] | None = field(default_factory=dict)
-    finetuning: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
+    alignment: AlignmentConfig | None = field(default_factory=AlignmentConfig)
+    finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
+    post_finetuning: PostFinetuningConfig = field(default_factory=PostFinetuningConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
-        for stage in STAGE_DEFAULTS:
-            given = getattr(self, stage)
-            if given is None and stage == "alignment":
-                continue  # no alignment stage: fine-tune the model as given
-            unknown = sorted(set(given or {}) - set(STAGE_DEFAULTS[stage]))
-            if unknown:
-                raise SinkguardError(
-                    f"config section {stage!r}: unknown key(s) {', '.join(unknown)}; "
-                    f"known: {', '.join(STAGE_DEFAULTS[stage])}"
-                )
-            setattr(self, stage, {**copy.deepcopy(STAGE_DEFAULTS[stage]), **(given or {})})
-        for section in (self.alignment, self.finetuning):
-            if section is not None and not isinstance(section["options"], dict):
-                raise SinkguardError("'options' must map a defense name to its settings")
-        if self.alignment is not None and isinstance(self.alignment["defenses"], str):
-            self.alignment["defenses"] = [self.alignment["defenses"]]
-        ft = self.finetuning
-        for p in ft["poison_ratios"]:
-            if not 0 <= float(p) <= 1:
-                raise SinkguardError(f"poison ratio {p} is outside [0, 1]")
+        check_run_name(self.name)
+        self.model = coerce(self.model, str, "model")
+        self.seeds = coerce(self.seeds, list[int], "seeds")
+        self.data_root = coerce(self.data_root, str | None, "data_root")
         if not self.seeds:
-            raise SinkguardError("seeds must list at least one seed")
+            raise SinkguardError("seeds must list at least one seed, e.g. seeds: [43]")
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if value is None and name == "alignment":
+                continue
+            if not isinstance(value, cls):
+                setattr(self, name, from_dict(cls, value, name))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> ExperimentConfig:
-        """Read a config file; unknown keys and bad values are clear errors."""
+        """Read and validate a config file; unknown keys and bad values are one clear error."""
         path = Path(path)
         if not path.is_file():
             raise SinkguardError(f"config file {path} not found")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise SinkguardError(f"{path} is not UTF-8 text") from None
         except yaml.YAMLError as exc:
-            raise SinkguardError(f"{path} is not valid YAML: {exc}") from None
-        known = {"name", "model", "seeds", "data_root", "alignment", "finetuning", "evaluation"}
-        unknown = sorted(set(raw) - known)
+            raise SinkguardError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise SinkguardError(f"{path}: expected a mapping of settings (name, model, ...), got {raw!r}")
+        unknown = sorted(set(map(str, raw)) - set(TOP_KEYS))
         if unknown:
-            raise SinkguardError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**raw)
+            raise SinkguardError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_KEYS)}")
+        try:
+            return cls(**raw)
+        except SinkguardError as exc:
+            raise SinkguardError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole config as plain data, defaults filled in (written to RUN_DIR/config.yaml)."""
+        return dataclasses.asdict(self)
 
 
 def stage_hash(*parts: Any) -> str:
@@ -97,54 +105,125 @@ def stage_hash(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def _overrides(stage: dict, seed: int) -> dict:
-    return dict(num_train_epochs=stage["epochs"], max_steps=stage["max_steps"], learning_rate=stage["lr"],
-                per_device_train_batch_size=stage["batch_size"],
-                gradient_accumulation_steps=stage["grad_accum"], max_length=stage["max_length"], seed=seed)
+def _stage_settings(stage, defense: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A training stage's settings for one defense: its keys (less lists it loops over) and that defense's options."""
+    settings = {k: v for k, v in dataclasses.asdict(stage).items()
+                if k not in ("defenses", "options", *skip)}
+    return {**settings, "defense": defense, "options": stage.defense_options(defense)}
 
 
 class Experiment:
     """Runs the flow of docs/architecture.md for one config into `run_dir`."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: str | os.PathLike, judge=None) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: str | os.PathLike, judge=None,
+                 overwrite: bool = False) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.judge = judge
+        self.overwrite = overwrite
 
-    # ------------------------------------------------------------------ stages
-    def align(self, defense: str, seed: int) -> tuple[str, str]:
-        """(model path, stage hash) of the model aligned with `defense`."""
-        from .data import alignment_dataset
-        from .train import run_stage
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> list[dict[str, Any]]:
+        """Every stage the study runs, in order (training first, then evaluation), as plain dicts.
+
+        Keys: `stage`, `folder` (under the run dir), `defense`, `seed`, `from` (the folder or model
+        it starts from), `steps` (optimizer steps, before rows too long are dropped); fine-tuning
+        adds `task`, `poison_ratio`; evaluation adds `record` (the results row it fills).
+        Nothing is loaded: the plan is what `--dry-run` prints and what `run` executes.
+        """
+        from .train import planned_steps
 
         cfg = self.config
-        a = {k: v for k, v in cfg.alignment.items() if k != "defenses"}
-        a["defense"], a["options"] = defense, a["options"].get(defense, {})
-        h = stage_hash("alignment", cfg.model, a, seed)
-        out = self.run_dir / "stages" / f"align-{defense}-{h}"
-        rows = alignment_dataset(a["samples"], cfg.data_root)
-        path = run_stage("alignment", defense, cfg.model, rows, out, lora=a["lora"],
-                         system_prompt=a["system_prompt"], data_root=cfg.data_root,
-                         settings={"seed": seed, **a}, **_overrides(a, seed), **a["options"])
-        return str(path), h
+        a, f, post, e = cfg.alignment, cfg.finetuning, cfg.post_finetuning, cfg.evaluation
+        train: list[dict] = []
+        evals: list[dict] = []
 
-    def finetune(self, base: str, base_hash: str, defense: str, task: str, p: float, seed: int) -> tuple[str, str]:
-        """(model path, stage hash) of one fine-tuning run of the grid."""
+        def evaluation(source: dict, label: str, task: str, p: float | None, seed: int, aligner: str,
+                       post_name: str = "none") -> None:
+            h = stage_hash("evaluation", source["hash"], task, dataclasses.asdict(e))
+            evals.append({"stage": "evaluation", "folder": f"stages/eval-{h}", "from": source["folder"],
+                          "hash": h, "task": task, "seed": seed, "model_hash": source["hash"],
+                          "record": {"alignment": aligner, "defense": label, "post": post_name, "task": task,
+                                     "poison_ratio": p, "seed": seed}})
+
+        base = {"folder": cfg.model, "hash": stage_hash(cfg.model)}
+        for seed in cfg.seeds:
+            aligners = a.defenses if a is not None else ["none"]
+            for aligner in aligners:
+                aligned = base
+                if a is not None:
+                    settings = _stage_settings(a, aligner)
+                    h = stage_hash("alignment", cfg.model, settings, seed)
+                    aligned = {"stage": "alignment", "folder": f"stages/align-{aligner}-{h}", "from": cfg.model,
+                               "hash": h, "defense": aligner, "seed": seed, "settings": settings,
+                               "steps": planned_steps(a.samples, a.batch_size, a.grad_accum, a.epochs, a.max_steps)}
+                    train.append(aligned)
+                for task in f.tasks:
+                    if e.evaluate_base and a is not None and aligner == aligners[0]:
+                        evaluation(base, "base", task, None, seed, "none")
+                    if e.evaluate_aligned:
+                        evaluation(aligned, "aligned", task, None, seed, aligner)
+                    for defense in f.defenses:
+                        settings = _stage_settings(f, defense, skip=("tasks", "poison_ratios"))
+                        for p in f.poison_ratios:
+                            h = stage_hash("finetuning", aligned["hash"], defense, task, p, seed, settings)
+                            tuned = {"stage": "finetuning", "folder": f"stages/ft-{defense}-{task}-p{p}-s{seed}-{h}",
+                                     "from": aligned["folder"], "hash": h, "defense": defense, "task": task,
+                                     "poison_ratio": p, "seed": seed, "settings": settings,
+                                     "steps": planned_steps(f.samples, f.batch_size, f.grad_accum, f.epochs,
+                                                            f.max_steps)}
+                            train.append(tuned)
+                            evaluation(tuned, defense, task, p, seed, aligner)
+                            for repair in post.defenses:
+                                options = post.defense_options(repair)
+                                ph = stage_hash("post_finetuning", h, repair, options)
+                                repaired = {"stage": "post_finetuning", "folder": f"stages/post-{repair}-{ph}",
+                                            "from": tuned["folder"], "hash": ph, "defense": repair, "seed": seed,
+                                            "settings": {"defense": repair, "options": options}, "steps": None}
+                                train.append(repaired)
+                                evaluation(repaired, defense, task, p, seed, aligner, repair)
+        return train + evals
+
+    # ------------------------------------------------------------------ stages
+    def align(self, job: dict) -> str:
+        """Run an alignment job of the plan; the aligned model's path."""
+        from .data import alignment_dataset
+        from .train import run_stage, stage_arguments
+
+        cfg, a = self.config, self.config.alignment
+        rows = alignment_dataset(a.samples, cfg.data_root)
+        lora = dataclasses.asdict(a.lora) if a.lora else None
+        path = run_stage("alignment", job["defense"], cfg.model, rows, self.run_dir / job["folder"], lora=lora,
+                         system_prompt=a.system_prompt or None, data_root=cfg.data_root,
+                         settings={"seed": job["seed"], **job["settings"]}, overwrite=self.overwrite,
+                         **stage_arguments(a, job["seed"]), **job["settings"]["options"])
+        return str(path)
+
+    def finetune(self, job: dict, base: str) -> str:
+        """Run a fine-tuning job of the plan from model `base`; the fine-tuned model's path."""
         from .data import poisoned_dataset
-        from .train import run_stage
+        from .train import run_stage, stage_arguments
 
-        f = self.config.finetuning
-        options = f["options"].get(defense, {})
-        settings = {k: v for k, v in f.items() if k not in ("defenses", "tasks", "poison_ratios", "options")}
-        h = stage_hash("finetuning", base_hash, defense, task, p, seed, settings, options)
-        out = self.run_dir / "stages" / f"ft-{defense}-{task}-p{p}-s{seed}-{h}"
-        rows = poisoned_dataset(task, f["samples"], p, f["attack"], seed, self.config.data_root)
-        path = run_stage("finetuning", defense, base, rows, out, lora=f["lora"],
-                         system_prompt=f["system_prompt"], data_root=self.config.data_root,
-                         settings={"defense": defense, "task": task, "poison_ratio": p, "seed": seed,
-                                   **settings, "options": options},
-                         **_overrides(f, seed), **options)
-        return str(path), h
+        cfg, f = self.config, self.config.finetuning
+        rows = poisoned_dataset(job["task"], f.samples, job["poison_ratio"], f.attack, job["seed"], cfg.data_root)
+        lora = dataclasses.asdict(f.lora) if f.lora else None
+        path = run_stage("finetuning", job["defense"], base, rows, self.run_dir / job["folder"], lora=lora,
+                         system_prompt=f.system_prompt or None, data_root=cfg.data_root,
+                         settings={"task": job["task"], "poison_ratio": job["poison_ratio"], "seed": job["seed"],
+                                   **job["settings"]},
+                         overwrite=self.overwrite, allow_drop=f.allow_drop,
+                         **stage_arguments(f, job["seed"]), **job["settings"]["options"])
+        return str(path)
+
+    def repair(self, job: dict, tuned: str) -> str:
+        """Run a post-fine-tuning job of the plan on fine-tuned model `tuned`; the repaired model's path."""
+        from .train import run_post_stage
+
+        adapter = Path(tuned).parent / "adapter"
+        path = run_post_stage(job["defense"], tuned, self.run_dir / job["folder"],
+                              options=job["settings"]["options"], data_root=self.config.data_root,
+                              adapter_dir=adapter if adapter.is_dir() else None, overwrite=self.overwrite)
+        return str(path)
 
     def evaluate(self, model_path: str, model_hash: str, task: str) -> dict:
         """HS (+ refusal rate) on the configured prompt sets, FA on `task`, sink divergence."""
@@ -153,7 +232,7 @@ class Experiment:
         from .sink import analyze
 
         e = self.config.evaluation
-        h = stage_hash("evaluation", model_hash, task, e)
+        h = stage_hash("evaluation", model_hash, task, dataclasses.asdict(e))
         out = self.run_dir / "stages" / f"eval-{h}"
         done = out / "eval.json"
         if done.is_file():
@@ -165,72 +244,54 @@ class Experiment:
             from .evaluate.judge import load_judge
 
             self.judge = load_judge(auto_train=True, root=self.config.data_root)
-        hs = harmful_score(model, tokenizer, e["hs_sets"], judge=self.judge, limit=e["hs_limit"],
-                           data_root=self.config.data_root, out_dir=out, max_new_tokens=e["max_new_tokens"],
-                           batch_size=e["batch_size"], template=e["template"])
-        fa = finetune_accuracy(model, tokenizer, task, limit=e["fa_limit"], data_root=self.config.data_root,
-                               out_dir=out, max_new_tokens=e["fa_max_new_tokens"], batch_size=e["batch_size"],
-                               template=e["template"])
+        common = dict(data_root=self.config.data_root, out_dir=out, batch_size=e.batch_size, template=e.template)
+        hs = harmful_score(model, tokenizer, e.hs_sets, judge=self.judge, limit=e.hs_limit,
+                           max_new_tokens=e.max_new_tokens, system_prompt=e.hs_system_prompt(), **common)
+        fa = finetune_accuracy(model, tokenizer, task, limit=e.fa_limit, max_new_tokens=e.fa_max_new_tokens,
+                               system_prompt=e.fa_system_prompt(), match=e.match, aliases=e.label_aliases,
+                               fallback_last_number=e.number_fallback, **common)
         del model
         result = {"hs": hs, "fa": fa, "model": model_path}
-        if e["analyze_samples"]:
-            sink = analyze(model_path, out, samples=e["analyze_samples"], data_root=self.config.data_root)
+        if e.analyze_samples:
+            sink = analyze(model_path, out, samples=e.analyze_samples, data_root=self.config.data_root)
             result["positive_heads"] = sink["positive_heads"]
             result["total_heads"] = sink["total_heads"]
             result["divergence"] = sink["divergence"]
         result["wall_s"] = round(time.time() - start, 1)
-        atomic_write_json(done, result)
+        write_json(done, result)
         return result
 
     # ------------------------------------------------------------------ flow
     def run(self) -> dict:
-        """Run (or resume) every stage; write and return `results.json`."""
+        """Run (or resume) every stage of the plan; write and return `results.json`."""
         cfg = self.config
+        jobs = self.plan()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(
-            {k: getattr(cfg, k) for k in ("name", "model", "seeds", "data_root", "alignment", "finetuning",
-                                          "evaluation")}, sort_keys=False))
-        f, e = cfg.finetuning, cfg.evaluation
-        records = []
+        write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         timings: dict[str, float] = {}
-
-        def timed(name: str, fn, *args):
-            t0 = time.time()
-            out = fn(*args)
-            timings[name] = round(timings.get(name, 0) + time.time() - t0, 1)
-            return out
-
+        models: dict[str, str] = {cfg.model: cfg.model}  # folder (or model name) -> model path
         # Train everything first, then evaluate: training needs no judge, and a crash in
         # evaluation never costs a trained model.
-        jobs = []  # (alignment, label, task, p, seed, model path, model hash)
-        aligners = cfg.alignment["defenses"] if cfg.alignment is not None else ["none"]
-        for seed in cfg.seeds:
-            for aligner in aligners:
-                if cfg.alignment is None:
-                    aligned, a_hash = cfg.model, stage_hash(cfg.model)
-                else:
-                    aligned, a_hash = timed("alignment", self.align, aligner, seed)
-                for task in f["tasks"]:
-                    if e["evaluate_base"] and cfg.alignment is not None and aligner == aligners[0]:
-                        jobs.append(("none", "base", task, None, seed, cfg.model, stage_hash(cfg.model)))
-                    if e["evaluate_aligned"]:
-                        jobs.append((aligner, "aligned", task, None, seed, aligned, a_hash))
-                    for defense in f["defenses"]:
-                        for p in f["poison_ratios"]:
-                            path, h = timed("finetuning", self.finetune, aligned, a_hash, defense, task,
-                                            float(p), seed)
-                            jobs.append((aligner, defense, task, float(p), seed, path, h))
-        for aligner, label, task, p, seed, path, h in jobs:
-            r = timed("evaluation", self.evaluate, path, h, task)
-            records.append(self._record(aligner, label, task, p, seed, r))
+        for job in jobs:
+            t0 = time.time()
+            if job["stage"] == "alignment":
+                models[job["folder"]] = self.align(job)
+            elif job["stage"] == "finetuning":
+                models[job["folder"]] = self.finetune(job, models[job["from"]])
+            elif job["stage"] == "post_finetuning":
+                models[job["folder"]] = self.repair(job, models[job["from"]])
+            else:
+                r = self.evaluate(models[job["from"]], job["model_hash"], job["task"])
+                job["result"] = self._record(job["record"], r)
+            timings[job["stage"]] = round(timings.get(job["stage"], 0) + time.time() - t0, 1)
+        records = [job["result"] for job in jobs if job["stage"] == "evaluation"]
         results = {"name": cfg.name, "model": cfg.model, "records": records, "stage_wall_s": timings}
-        atomic_write_json(self.run_dir / "results.json", results)
+        write_json(self.run_dir / "results.json", results)
         return results
 
     @staticmethod
-    def _record(alignment: str, defense: str, task: str, p: float | None, seed: int, r: dict) -> dict:
-        rec = {"alignment": alignment, "defense": defense, "task": task, "poison_ratio": p, "seed": seed,
-               "fa": r["fa"].get("fa"), "fa_n": r["fa"].get("n")}
+    def _record(record: dict, r: dict) -> dict:
+        rec = {**record, "fa": r["fa"].get("fa"), "fa_n": r["fa"].get("n")}
         for name, s in r["hs"].items():
             rec[f"hs_{name}"] = s["hs"]
             rec[f"refusal_{name}"] = s["refusal_rate"]
@@ -241,8 +302,8 @@ class Experiment:
 
 
 def run_experiment(config: str | os.PathLike | ExperimentConfig, run_dir: str | os.PathLike | None = None,
-                   judge=None) -> dict:
+                   judge=None, overwrite: bool = False) -> dict:
     """Load a config (path or object) and run it into `run_dir` (default `runs/<name>`)."""
     if not isinstance(config, ExperimentConfig):
         config = ExperimentConfig.from_yaml(config)
-    return Experiment(config, run_dir or Path("runs") / config.name, judge).run()
+    return Experiment(config, run_dir or Path("runs") / config.name, judge, overwrite).run()

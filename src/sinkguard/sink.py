@@ -223,9 +223,9 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
             sink_index: int = 0, batch_size: int = 8, max_length: int = 512, data_root=None) -> dict:
     """Compute, save and return the divergence summary of `model_name` (JSON + heatmap in `out`)."""
     from .data import encode_text, load_source, reference_pools
+    from .io import write_json
     from .models import load_model, load_tokenizer
     from .report import plot_sink_heatmap
-    from .train import atomic_write_json
 
     if samples < 1:
         raise SinkguardError(f"--samples must be >= 1, got {samples}")
@@ -255,7 +255,7 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
                      "split": split, "sink_index": sink_index, "max_length": max_length},
         "divergence": [[round(float(x), 7) for x in row] for row in div],
     }
-    atomic_write_json(out / "sink_divergence.json", summary)
+    write_json(out / "sink_divergence.json", summary)
     plot_sink_heatmap(div, out / "sink_divergence.png",
                       f"{Path(str(model_name)).name}: {positive}/{div.numel()} heads with positive divergence")
     return summary

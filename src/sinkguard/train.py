@@ -1,13 +1,15 @@
-"""Build and run one training stage (alignment or fine-tuning) for a named defense.
+"""Build and run one stage for a named defense: training (alignment, fine-tuning) or a post-fine-tuning repair.
 
 Full fine-tuning or LoRA (peft); checkpoints in `out/checkpoints` (resumed when present); the
-result saved as merged safetensors in `out/model` plus `out/train_log.json`.
+result saved as merged safetensors in `out/model` (a LoRA stage also keeps its unmerged adapter
+in `out/adapter`) plus `out/train_log.json`; `out/stage.json` records the settings and inputs
+that made the folder (see `sinkguard.stamp`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -17,73 +19,87 @@ from typing import Any
 
 import torch
 
-from .data import PadCollator, encode_example
+from . import stamp
+from .data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example
 from .defenses import get_defense
 from .errors import SinkguardError
+from .io import write_json
 from .models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # Surgery scripts' task-data system prompt
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to `path` through a temp file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+STAGE_OUTPUTS = ("model", "adapter", "model_unperturbed", "checkpoints", "train_log.json", ".model.tmp",
+                 ".adapter.tmp")
+MAX_POISON_DRIFT = 0.02  # largest |real - asked| poison ratio accepted after dropping rows
 
 
 def make_config(defense: str, stage: str, out_dir: str | os.PathLike, **overrides):
-    """The defense's config dataclass with sinkguard's defaults and `overrides` applied."""
+    """The defense's config dataclass with its own defaults, and only `overrides` set on top.
+
+    `overrides` are the stage's settings (`stage_arguments`) and the user's explicit options; the
+    defense's dataclass defaults (its official values) hold for everything else.
+    """
     spec = get_defense(defense, stage)
     known = {f.name for f in fields(spec.config_cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise SinkguardError(f"defense {defense!r} has no option(s) {', '.join(unknown)}")
-    base = dict(
-        output_dir=str(Path(out_dir) / "checkpoints"),
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=5e-6,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=0.1,  # a float below 1 is a ratio of the total steps
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=50,
-        save_total_limit=1,
-        report_to=[],
-        seed=43,
-        disable_tqdm=False,
-        use_cpu=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    base.update(overrides)
-    return spec.config_cls(**base)
+    base = dict(output_dir=str(Path(out_dir) / "checkpoints"), dataloader_pin_memory=torch.cuda.is_available())
+    try:
+        return spec.config_cls(**{**base, **overrides})
+    except (TypeError, ValueError) as exc:
+        raise SinkguardError(f"defense {defense!r} ({stage}): invalid settings: {exc}") from None
 
 
-def lora_config(r: int = 8, alpha: float = 4.0, dropout: float = 0.1):
-    """peft LoRA over all attention and MLP projections (T-Vaccine scripts: r 8, alpha 4, dropout 0.1)."""
+def stage_arguments(stage, seed: int) -> dict[str, Any]:
+    """TrainingArguments values from a typed stage config (`sinkguard.config.TrainingStage`) and a seed."""
+    args = dict(num_train_epochs=stage.epochs, max_steps=stage.max_steps, learning_rate=stage.lr,
+                per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
+                max_length=stage.max_length, seed=seed)
+    if stage.save_steps is not None:
+        args["save_steps"] = stage.save_steps
+    return args
+
+
+def lora_config(r: int = 8, alpha: float = 4.0, dropout: float = 0.1, target_modules: list[str] | None = None):
+    """peft LoRA config (T-Vaccine scripts: r 8, alpha 4, dropout 0.1); targets from the defense's config."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
+    from .defenses.sft import LORA_TARGETS
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules or LORA_TARGETS),
                       task_type="CAUSAL_LM")
 
 
-def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_length: int) -> list[dict]:
-    """Chat-formatted, answer-only-loss examples; rows whose prompt fills the budget are dropped."""
-    out = []
+def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_length: int,
+                  allow_drop: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """Chat-formatted, answer-only-loss examples and a summary; rows whose prompt fills the budget are dropped.
+
+    When rows carry `harmful`, dropping changes the poison ratio: the real one is reported, and a
+    change of more than 0.02 is an error unless `allow_drop`.
+    """
+    out, kept = [], []
     for r in rows:
         ex = encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length)
         if any(label != -100 for label in ex["labels"]):
             out.append(ex)
+            kept.append(r)
     if not out:
-        raise SinkguardError(f"no training example fits in max_length={max_length} tokens")
-    return out
+        raise SinkguardError(f"no training example fits in max_length={max_length} tokens; raise --max-length")
+    summary: dict[str, Any] = {"rows": len(rows), "examples": len(out), "dropped": len(rows) - len(out)}
+    if any("harmful" in r for r in rows):
+        asked = sum(bool(r.get("harmful")) for r in rows) / len(rows)
+        real = sum(bool(r.get("harmful")) for r in kept) / len(kept)
+        summary.update(poison_ratio_asked=round(asked, 4), poison_ratio_real=round(real, 4))
+    if summary["dropped"]:
+        log.warning("%d of %d rows dropped: their prompt fills max_length=%d tokens%s", summary["dropped"],
+                    len(rows), max_length, f"; real poison ratio {summary['poison_ratio_real']:.3f} (asked "
+                    f"{summary['poison_ratio_asked']:.3f})" if "poison_ratio_real" in summary else "")
+        if "poison_ratio_real" in summary and abs(real - asked) > MAX_POISON_DRIFT and not allow_drop:
+            raise SinkguardError(
+                f"{summary['dropped']} of {len(rows)} rows do not fit in max_length={max_length} tokens, which "
+                f"moves the poison ratio from {asked:.3f} to {real:.3f}; raise --max-length or pass --allow-drop")
+    return out, summary
 
 
 def last_checkpoint(out_dir: str | os.PathLike) -> str | None:
@@ -91,6 +107,25 @@ def last_checkpoint(out_dir: str | os.PathLike) -> str | None:
     ckpt = Path(out_dir) / "checkpoints"
     runs = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if ckpt.is_dir() else []
     return str(runs[-1]) if runs else None
+
+
+def planned_steps(examples: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int) -> int:
+    """Optimizer steps of a single-process run (the Trainer's count)."""
+    if max_steps > 0:
+        return max_steps
+    per_epoch = max(1, math.ceil(examples / batch_size) // grad_accum)
+    return max(1, math.ceil(epochs * per_epoch))
+
+
+def default_save_steps(total_steps: int) -> int:
+    """Checkpoint about four times a run (at most every 50 steps), so short CPU runs resume mid-way."""
+    return max(1, min(50, math.ceil(total_steps / 4)))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def run_stage(
@@ -104,26 +139,38 @@ def run_stage(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     data_root: str | os.PathLike | None = None,
     settings: dict | None = None,
+    overwrite: bool = False,
+    allow_drop: bool = False,
     **config_overrides,
 ) -> Path:
     """Train `model_name` on `rows` with `defense`; return the saved model directory `out/model`.
 
-    Rerunning on the same `out_dir` resumes from the last checkpoint; a finished run is reused.
+    Rerunning on the same `out_dir` with the same settings and inputs resumes from the last
+    checkpoint, or reuses a finished run; other settings are an error unless `overwrite`.
     """
     out = Path(out_dir)
     final = out / "model"
-    if (final / "config.json").is_file() and (out / "train_log.json").is_file():
-        log.info("%s: already trained, reusing %s", stage, final)
-        return final
     spec = get_defense(defense, stage)
     args = make_config(defense, stage, out, **config_overrides)
+    record = {"stage": stage, "defense": defense, "model": str(model_name), "lora": lora,
+              "system_prompt": system_prompt, "allow_drop": allow_drop,
+              **{k: v for k, v in sorted(config_overrides.items())}}
+    inputs = {"rows": stamp.digest(rows), "model": stamp.path_fingerprint(model_name)}
+    done = stamp.claim(out, record, inputs, STAGE_OUTPUTS, overwrite)
+    if done and (final / "config.json").is_file():
+        log.info("%s: already trained with these settings, reusing %s", stage, final)
+        return final
     tokenizer = load_tokenizer(model_name)
+    train_dataset, data_summary = tokenize_rows(rows, tokenizer, system_prompt, args.max_length, allow_drop)
+    if "save_steps" not in config_overrides:
+        total = planned_steps(len(train_dataset), args.per_device_train_batch_size,
+                              args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps)
+        args.save_steps = default_save_steps(total)
     model = load_model(model_name)
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(**lora))
-    train_dataset = tokenize_rows(rows, tokenizer, system_prompt, args.max_length)
+        model = get_peft_model(model, lora_config(**lora, target_modules=args.lora_target_modules))
     extra = spec.trainer_cls.defense_inputs(args, tokenizer, data_root)
     trainer = spec.trainer_cls(
         model=model, args=args, train_dataset=train_dataset,
@@ -136,19 +183,58 @@ def run_stage(
     result = trainer.train(resume_from_checkpoint=resume)
     trained = trainer.model
     if lora is not None:
+        tmp = out / ".adapter.tmp"
+        trained.save_pretrained(tmp, safe_serialization=True)
+        _replace_dir(tmp, out / "adapter")
         trained = trained.merge_and_unload()
     tmp = out / ".model.tmp"
     trained.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_json(out / "train_log.json", {
-        "stage": stage, "defense": defense, "model": str(model_name), "examples": len(train_dataset),
+    _replace_dir(tmp, final)
+    write_json(out / "train_log.json", {
+        "stage": stage, "defense": defense, "model": str(model_name), **data_summary,
         "lora": lora, "system_prompt": system_prompt, "wall_s": round(time.time() - start, 1),
         "train_loss": result.training_loss, "settings": settings or {},
         "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
         "log_history": trainer.state.log_history,
     })
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
+    stamp.finish(out, model="model", wall_s=round(time.time() - start, 1))
     return final
+
+
+def run_post_stage(
+    defense: str,
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    options: dict | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Apply a post-fine-tuning defense to `model_dir` into `out_dir`; return the repaired model's folder.
+
+    Same reuse rules as `run_stage`: a finished folder with the same settings and inputs is reused.
+    """
+    from .config import check_options
+
+    spec = get_defense(defense, "post_finetuning")
+    options = check_options(defense, "post_finetuning", options or {})
+    try:
+        config = spec.config_cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise SinkguardError(f"defense {defense!r} (post_finetuning): invalid settings: {exc}") from None
+    out = Path(out_dir)
+    record = {"stage": "post_finetuning", "defense": defense, "options": options}
+    inputs = {"model": stamp.path_fingerprint(model_dir),
+              "adapter": stamp.path_fingerprint(adapter_dir) if adapter_dir else "none"}
+    done = stamp.claim(out, record, inputs, ("model", "repair_log.json"), overwrite)
+    if done and (out / done["model"]).is_dir():
+        log.info("post_finetuning %s: already applied with these settings, reusing %s", defense, out)
+        return out / done["model"]
+    start = time.time()
+    path = Path(spec.apply(Path(model_dir), out, config, data_root=data_root,
+                           adapter_dir=Path(adapter_dir) if adapter_dir else None))
+    stamp.finish(out, model=os.path.relpath(path, out), wall_s=round(time.time() - start, 1))
+    return path

@@ -1,27 +1,29 @@
-"""`sinkguard align`: the alignment stage on refusal data (sft, vaccine or tvaccine)."""
+"""`sinkguard align`: the alignment stage on refusal data with an alignment-stage defense."""
 
 from __future__ import annotations
 
 import argparse
 
-from .common import add_data_root, add_model
-from .finetune import add_training_args, launch
+from ..config import AlignmentConfig
+from .common import add_data_root, add_model, add_training_args, launch
 
 
 def register(sub) -> None:
-    p = sub.add_parser("align", help="safety-align a model on refusal data (sft | vaccine | tvaccine)",
-                       description="Alignment stage: the first n rows of the refusal set.")
+    p = sub.add_parser("align", help="safety-align a model on refusal data (sinkguard defenses lists the methods)",
+                       description="Alignment stage: the first n rows of the refusal set. Defaults are the "
+                                   "CPU-scale values of the shipped configs (configs/*.yaml).")
     add_model(p)
     add_data_root(p)
-    p.add_argument("--defense", default="sft", help="sft, vaccine or tvaccine (default %(default)s)")
-    p.add_argument("--rho", type=float, default=None, help="perturbation intensity (Vaccine/T-Vaccine)")
-    p.add_argument("--system-prompt", default=None, help="system prompt on the alignment data")
-    add_training_args(p, lr=1e-3, epochs=20, batch=10)
-    p.set_defaults(func=run, samples=2000)
+    add_training_args(p, AlignmentConfig)
+    p.add_argument("--rho", type=float, default=None, help="perturbation intensity (Vaccine/T-Vaccine); "
+                   "same as --set rho=VALUE")
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import config_from_args
     from ..data import alignment_dataset
 
-    rows = alignment_dataset(args.samples, args.data_root)
-    return launch("alignment", args, rows, **({"rho": args.rho} if args.rho is not None else {}))
+    config = config_from_args(AlignmentConfig, args, {"rho": args.rho})
+    rows = alignment_dataset(config.samples, args.data_root)
+    return launch(config, args, rows)

@@ -1,8 +1,11 @@
-"""Arguments shared by several sub-commands."""
+"""Arguments shared by several sub-commands, and the launcher of a training stage."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from ..config import TrainingStage, add_config_args
 
 
 def add_data_root(parser: argparse.ArgumentParser) -> None:
@@ -19,3 +22,34 @@ def add_model(parser: argparse.ArgumentParser, default: str | None = "smollm2-13
         "--model", default=default, required=default is None,
         help="hub id, local directory, .gguf file or bundled alias (default: %(default)s)",
     )
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """`--overwrite`: redo a stage whose folder was made with other settings instead of stopping."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="OUT was made with other settings or data: run the stage again there "
+                             "(default: stop with the list of differences)")
+
+
+def add_training_args(p: argparse.ArgumentParser, config_cls: type[TrainingStage]) -> None:
+    """Flags of a training stage (`align`, `finetune`): the stage config's fields, seed, output folder."""
+    add_config_args(p, config_cls)
+    p.add_argument("--seed", type=int, default=43, help="random seed (default %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (rerun on it to resume)")
+    add_overwrite(p)
+
+
+def launch(config: TrainingStage, args: argparse.Namespace, rows: list[dict]) -> int:
+    """Run one training stage from its typed config (shared by `align` and `finetune`)."""
+    from ..train import run_stage, stage_arguments
+
+    defense = config.defenses[0]
+    settings = {"model": args.model, "seed": args.seed, "data_root": args.data_root,
+                **dataclasses.asdict(config)}
+    path = run_stage(config.stage, defense, args.model, rows, args.out,
+                     lora=dataclasses.asdict(config.lora) if config.lora else None,
+                     system_prompt=config.system_prompt or None, data_root=args.data_root, settings=settings,
+                     overwrite=args.overwrite, allow_drop=getattr(config, "allow_drop", False),
+                     **stage_arguments(config, args.seed), **config.defense_options(defense))
+    print(f"{config.stage} done: model saved to {path}")
+    return 0

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+from ..config import EvaluationConfig, add_config_args, hs_set_names
 from ..errors import SinkguardError
 from .common import add_data_root, add_model
 
-# Prompt sets of harmful instructions: every named source except the tasks and training sets.
-_NOT_HS = {"sst2", "agnews", "gsm8k", "alpaca", "refusals", "harmful_qa"}
-
-
-def hs_set_names() -> list[str]:
-    """Names accepted by `--hs-sets`."""
-    from ..data.sources import LOCAL
-
-    return sorted(set(LOCAL) - _NOT_HS)
+__all__ = ["hs_set_names", "register", "run"]
 
 
 def register(sub) -> None:
@@ -26,34 +20,16 @@ def register(sub) -> None:
         "evaluate", help="harmful score (HS) and fine-tune accuracy (FA) of a model",
         description="Greedy answers to harmful prompts judged by the harmfulness judge (HS, with the "
                     "keyword refusal rate beside it) and to a task's test split (FA). Answers are "
-                    "written to OUT as they come: rerun the same command to resume.",
+                    "written to OUT as they come: rerun the same command to resume. Defaults are the "
+                    "CPU-scale values of the shipped configs' evaluation section.",
     )
     add_model(p, default=None)
     add_data_root(p)
-    p.add_argument("--hs-sets", default="beavertails",
-                   help="comma-separated harmful prompt sets, or 'none' (default %(default)s; known: "
-                        "beavertails = the test split's unsafe prompts, advbench, donotanswer, harmbench, "
-                        "strongreject, stl_*)")
-    p.add_argument("--task", choices=["sst2", "agnews", "gsm8k", "alpaca"], default=None,
+    from ..data import TASKS
+
+    p.add_argument("--task", choices=TASKS, default=None,
                    help="task for FA (alpaca: answers only, AlpacaEval needs a GPT-4 judge)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts of each HS set (default all)")
-    p.add_argument("--fa-limit", type=int, default=None, help="first N test rows for FA (default all)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="answer length cap for HS and FA (default: official lengths, HS 512, "
-                        "SST2/AG News 10, GSM8K 512)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default %(default)s)")
-    p.add_argument("--template", choices=["chat", "alpaca"], default="chat",
-                   help="prompt format: the model's chat template, or the official HS script's Alpaca prompt")
-    p.add_argument("--system-prompt", default=None,
-                   help="system prompt for HS and FA (default: none for HS, 'You are a helpful assistant.' "
-                        "for FA, as the official scripts; '' for none)")
-    p.add_argument("--match", choices=["contains", "exact", "first"], default="contains",
-                   help="SST2/AG News: label word in the answer (official), whole answer equal to it, "
-                        "or first label word named")
-    p.add_argument("--label-aliases", action="store_true",
-                   help="AG News: also accept spelled-out 'Sci/Tech' forms (Science and Technology, ...)")
-    p.add_argument("--no-number-fallback", action="store_true",
-                   help="GSM8K: score answers without 'The final answer is: N' as wrong (official: last number)")
+    add_config_args(p, EvaluationConfig)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--overwrite", action="store_true",
@@ -63,59 +39,31 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_sets(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if [n.lower() for n in names] in ([], ["none"]):
-        return []
-    known = hs_set_names()
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SinkguardError(f"unknown harmful prompt set(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return names
-
-
-def _check(args: argparse.Namespace) -> None:
-    for flag in ("limit", "fa_limit", "max_new_tokens", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SinkguardError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.template == "alpaca" and args.system_prompt:
-        raise SinkguardError("--system-prompt needs --template chat (the Alpaca prompt has no system turn)")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..config import config_from_args
     from ..evaluate.generation import write_json
-    from ..evaluate.metrics import (
-        FA_SYSTEM_PROMPT,
-        HS_MAX_NEW_TOKENS,
-        finetune_accuracy,
-        harmful_score,
-    )
+    from ..evaluate.metrics import finetune_accuracy, harmful_score
     from ..models import load_model, load_tokenizer
 
-    sets = _parse_sets(args.hs_sets)
-    _check(args)
+    e = config_from_args(EvaluationConfig, args)
+    sets = e.hs_sets
     if not sets and not args.task:
         raise SinkguardError("nothing to evaluate: give --hs-sets and/or --task")
-    hs_system = args.system_prompt or None
-    if args.system_prompt is not None:
-        fa_system = args.system_prompt or None
-    else:
-        fa_system = None if args.template == "alpaca" else FA_SYSTEM_PROMPT
+    hs_system, fa_system = e.hs_system_prompt(), e.fa_system_prompt()
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     out = Path(args.out)
     start = time.time()
     model = load_model(args.model, dtype=args.dtype, device=device)
     tokenizer = load_tokenizer(args.model)
-    common = dict(data_root=args.data_root, out_dir=out, batch_size=args.batch_size, template=args.template,
+    common = dict(data_root=args.data_root, out_dir=out, batch_size=e.batch_size, template=e.template,
                   overwrite=args.overwrite)
-    hs = harmful_score(model, tokenizer, sets, limit=args.limit, system_prompt=hs_system,
-                       max_new_tokens=args.max_new_tokens or HS_MAX_NEW_TOKENS, **common) if sets else {}
-    fa = finetune_accuracy(model, tokenizer, args.task, limit=args.fa_limit, system_prompt=fa_system,
-                           max_new_tokens=args.max_new_tokens, match=args.match, aliases=args.label_aliases,
-                           fallback_last_number=not args.no_number_fallback, **common) if args.task else None
+    hs = harmful_score(model, tokenizer, sets, limit=e.hs_limit, system_prompt=hs_system,
+                       max_new_tokens=e.max_new_tokens, **common) if sets else {}
+    fa = finetune_accuracy(model, tokenizer, args.task, limit=e.fa_limit, system_prompt=fa_system,
+                           max_new_tokens=e.fa_max_new_tokens, match=e.match, aliases=e.label_aliases,
+                           fallback_last_number=e.number_fallback, **common) if args.task else None
     result = {
         "model": args.model,
         "hs": {name: r["hs"] for name, r in hs.items()},
@@ -126,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
                           for name, r in hs.items()},
                    "fa": {k: fa[k] for k in ("n", "n_correct")} if fa else None},
         "notes": [fa["note"]] if fa and fa.get("note") else [],
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "json", "verbose")}
-                    | {"hs_system_prompt": hs_system, "fa_system_prompt": fa_system},
+        "settings": {"model": args.model, "task": args.task, "data_root": args.data_root, "device": args.device,
+                     "dtype": args.dtype, **dataclasses.asdict(e),
+                     "hs_system_prompt": hs_system, "fa_system_prompt": fa_system},
         "wall_s": round(time.time() - start, 1),
     }
     write_json(out / "eval.json", result)

@@ -1,42 +1,52 @@
-"""`sinkguard repair`: a post-fine-tuning defense (Antidote) applied to a fine-tuned model."""
+"""`sinkguard repair`: a post-fine-tuning defense applied to a fine-tuned model."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .common import add_data_root
+from ..config import PostFinetuningConfig, add_config_args
+from .common import add_data_root, add_overwrite
 
 
 def register(sub) -> None:
-    p = sub.add_parser("repair", help="repair a fine-tuned model with a post-fine-tuning defense (antidote)",
-                       description="Post-fine-tuning stage: writes OUT/model (safetensors) and OUT/repair_log.json. "
-                       "A LoRA fine-tune is repaired through its unmerged adapter (the stage's adapter/ folder, "
-                       "or --adapter).")
+    p = sub.add_parser("repair", help="apply a post-fine-tuning defense to a fine-tuned model",
+                       description="Post-fine-tuning stage: repairs MODEL (e.g. Antidote's pruning) into OUT. "
+                                   "A LoRA fine-tune's adapter (MODEL/../adapter) is used when present.")
+    p.add_argument("--model", required=True, help="the fine-tuned model folder (a stage's OUT/model)")
+    p.add_argument("--adapter", default=None,
+                   help="its unmerged LoRA adapter (default: MODEL/../adapter when that folder exists)")
     add_data_root(p)
-    p.add_argument("--defense", default="antidote", help="post-fine-tuning defense (default %(default)s)")
-    p.add_argument("--model", required=True, help="the fine-tuned model directory")
-    p.add_argument("--adapter", default=None, help="its LoRA adapter folder (default: MODEL/../adapter if present)")
-    p.add_argument("--out", required=True, help="output folder (a finished repair is reused)")
-    p.add_argument("--dense-ratio", type=float, default=None, help="share of each row pruned (Antidote, default 0.1)")
+    add_config_args(p, PostFinetuningConfig)
+    p.add_argument("--dense-ratio", type=float, default=None,
+                   help="Antidote: share of each row pruned (default 0.1; same as --set dense_ratio=...)")
     p.add_argument("--samples", type=int, default=None,
-                   help="harmful calibration rows (default: all the data allows, disjoint from the attack rows)")
+                   help="Antidote: harmful calibration rows (default: all the data allows, disjoint from the attack "
+                        "rows; same as --set samples=...)")
+    p.add_argument("--out", required=True, help="output folder")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from ..defenses import get_defense
+    from ..config import config_from_args
     from ..errors import SinkguardError
+    from ..train import run_post_stage
 
-    spec = get_defense(args.defense, "post_finetuning")
-    options = {"dense_ratio": args.dense_ratio, "samples": args.samples}
-    known = {f.name for f in dataclasses.fields(spec.config_cls)}
-    given = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise SinkguardError(f"defense {args.defense!r} has no option(s) {', '.join(unknown)}")
-    path = spec.apply(args.model, args.out, spec.config_cls(**given), data_root=args.data_root,
-                      adapter_dir=args.adapter)
-    print(f"repair done: model saved to {path}")
+    shortcuts = {k: getattr(args, k) for k in ("dense_ratio", "samples") if getattr(args, k) is not None}
+    config = config_from_args(PostFinetuningConfig, args, extra_options=shortcuts)
+    if not config.defenses:
+        raise SinkguardError("name the post-fine-tuning defense with --defense (sinkguard defenses lists them)")
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise SinkguardError(f"--model {model} is not a model folder (no config.json); give a fine-tuned "
+                             "stage's OUT/model")
+    adapter = Path(args.adapter) if args.adapter else model.parent / "adapter"
+    if args.adapter and not (adapter / "adapter_config.json").is_file():
+        raise SinkguardError(f"--adapter {adapter} is not a peft adapter folder (no adapter_config.json)")
+    defense = config.defenses[0]
+    path = run_post_stage(defense, model, args.out, options=config.defense_options(defense),
+                          adapter_dir=adapter if (adapter / "adapter_config.json").is_file() else None,
+                          data_root=args.data_root, overwrite=args.overwrite)
+    print(f"post_finetuning {defense} done: model saved to {path}")
     return 0

@@ -1,6 +1,13 @@
 """Data: named sources, the papers' mixtures, chat formatting."""
 
-from .formatting import IGNORE_INDEX, PadCollator, encode_example, encode_text, messages
+from .formatting import (
+    DEFAULT_SYSTEM_PROMPT,
+    IGNORE_INDEX,
+    PadCollator,
+    encode_example,
+    encode_text,
+    messages,
+)
 from .mixing import (
     ATTACKS,
     TASKS,
@@ -14,7 +21,7 @@ from .mixing import (
 from .sources import data_root, load_source
 
 __all__ = [
-    "ATTACKS", "IGNORE_INDEX", "TASKS", "PadCollator", "alignment_dataset", "attack_rows",
+    "ATTACKS", "DEFAULT_SYSTEM_PROMPT", "IGNORE_INDEX", "TASKS", "PadCollator", "alignment_dataset", "attack_rows",
     "data_root", "defense_harmful_set", "encode_example", "encode_text", "harmful_eval_prompts",
     "load_source", "messages", "poisoned_dataset", "reference_pools",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+# The Surgery / official task scripts' system prompt: fine-tuning rows, T-Vaccine's scoring set, FA prompts.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def messages(prompt: str, response: str | None = None, system_prompt: str | None = None) -> list[dict]:

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import PadCollator, defense_harmful_set, encode_example
+from ..data import DEFAULT_SYSTEM_PROMPT, PadCollator, defense_harmful_set, encode_example
 from ..errors import SinkguardError
-from ..train import DEFAULT_SYSTEM_PROMPT, atomic_write_json
+from ..io import write_json
 from . import Defense, register
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def apply(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Anti
         shutil.rmtree(out / "adapter", ignore_errors=True)
         os.replace(adapter_tmp, out / "adapter")
     weights = sum(m.weight.numel() for m in modules.values())
-    atomic_write_json(out / "repair_log.json", {
+    write_json(out / "repair_log.json", {
         "defense": "antidote", "model": str(model_dir), "adapter": str(adapter) if adapter else None,
         "branch": "lora" if adapter is not None else "full", "calibration_rows": n_rows,
         "pruned": pruned, "pruned_total": sum(pruned.values()), "weights_in_targets": weights,

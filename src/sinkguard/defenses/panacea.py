@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import PadCollator, defense_harmful_set, encode_example
+from ..data import DEFAULT_SYSTEM_PROMPT, PadCollator, defense_harmful_set, encode_example
 from ..errors import SinkguardError
-from ..train import DEFAULT_SYSTEM_PROMPT
 from . import Defense, register
 from .sft import SFTConfig, SinkguardTrainer
 from .state import BatchStream, CheckpointedStateMixin

@@ -9,12 +9,34 @@ from transformers import Trainer, TrainingArguments
 
 from . import Defense, register
 
+# peft LoRA targets when a defense names none: every attention and MLP projection (T-Vaccine scripts).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 @dataclass
 class SFTConfig(TrainingArguments):
-    """TrainingArguments plus the options shared by sinkguard's stages."""
+    """TrainingArguments plus the options shared by sinkguard's stages.
+
+    The defaults below are the Surgery scripts' schedule and sinkguard's logging / checkpointing;
+    a defense's subclass overrides them with its own official values, and `make_config` only sets
+    the stage's settings (lr, batch, epochs, seed, ...) and explicit options on top.
+    """
 
     max_length: int = field(default=512, metadata={"help": "token limit per training example"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS),
+        metadata={"help": "modules a LoRA stage adapts (default: every attention and MLP projection)"},
+    )
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "learning-rate schedule"})
+    warmup_steps: float = field(default=0.1, metadata={"help": "warm-up steps (a float below 1: share of the run)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
+    save_strategy: str = field(default="steps", metadata={"help": "checkpoint schedule"})
+    save_steps: float = field(default=50, metadata={"help": "checkpoint every N steps (run_stage derives it "
+                                                    "from the run's length unless set)"})
+    save_total_limit: int | None = field(default=1, metadata={"help": "checkpoints kept"})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "experiment trackers"})
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "hide the progress bar"})
 
 
 class SinkguardTrainer(Trainer):

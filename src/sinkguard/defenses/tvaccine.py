@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..data import PadCollator, encode_example, reference_pools
+from ..data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example, reference_pools
 from ..errors import SinkguardError
-from ..train import DEFAULT_SYSTEM_PROMPT
 from . import Defense, register
 from .vaccine import PerturbationTrainer, VaccineConfig
 

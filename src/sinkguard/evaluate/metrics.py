@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..data.formatting import DEFAULT_SYSTEM_PROMPT
 from ..data.mixing import TASKS, harmful_eval_prompts
 from ..data.sources import GSM8K_MARKER, load_source
 from ..errors import SinkguardError
@@ -40,7 +41,7 @@ LABEL_WORDS = {"sst2": ("positive", "negative"), "agnews": ("World", "Sports", "
 HS_MAX_NEW_TOKENS = 512
 FA_MAX_NEW_TOKENS = {"sst2": 10, "agnews": 10, "gsm8k": 512, "alpaca": 512}
 # The official task-evaluation scripts' system prompt (also the fine-tuning stage's default).
-FA_SYSTEM_PROMPT = "You are a helpful assistant."
+FA_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
 ALPACA_NOTE = ("alpaca has no automatic accuracy here: AlpacaEval needs a GPT-4 judge; "
                "the answers are saved for an external AlpacaEval run")
 
