@@ -1,9 +1,12 @@
-"""Time and peak memory of one optimisation step: SFT vs our Surgery vs the official algorithm.
+"""Time and peak memory of one optimisation step of every fine-tuning defense, as a ratio to SFT.
 
-All three run in this one invocation on the bundled model and the same 8 x 128-token batch:
+All run in this one invocation on the bundled model and the same 8 x 128-token batch:
   sft       plain task step (SDPA attention)
   surgery   + sink penalty read from the SDPA call of decoder-only pool forwards (ours)
   official  + two batch-1 eager forwards with output_attentions=True (Lslland/Surgery)
+  lisa      a fine-tuning-state step with the proximal term active (an alignment-state step is an
+            SFT step on an alignment batch)
+  panacea   three forward/backward passes; its harmful batch is the same batch
 Timing interleaves the variants round-robin in one process (so machine load hits all alike);
 peak memory is each variant's peak RSS over 3 steps (after the first), in its own fresh
 subprocess (CPU, Linux) or
@@ -21,7 +24,7 @@ import time
 
 import torch
 
-VARIANTS = ("sft", "surgery", "official")
+VARIANTS = ("sft", "surgery", "official", "lisa", "panacea")
 
 
 def build(variant: str, model_name: str, batch: int, seq: int, device: str):
@@ -42,16 +45,25 @@ def build(variant: str, model_name: str, batch: int, seq: int, device: str):
             break
     x = torch.tensor(ids, device=device)
     inputs = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-    defense = "sft" if variant == "sft" else "surgery"
-    extra = {} if variant == "sft" else {"sink_impl": "sdpa" if variant == "surgery" else "eager"}
+    defense = "surgery" if variant == "official" else variant
+    extra = {"surgery": {"sink_impl": "sdpa"}, "official": {"sink_impl": "eager"},
+             "lisa": {"alignment_steps": 0, "proximal_warmup_ratio": 0.0},  # always the fine-tuning state
+             "panacea": {"harmful_batch_size": batch}}.get(variant, {})
     args = make_config(defense, "finetuning", tempfile.mkdtemp(), save_strategy="no",
                        per_device_train_batch_size=batch, use_cpu=device == "cpu", **extra)
-    spec = get_defense(defense)
-    kw = spec.trainer_cls.defense_inputs(args, tok) if variant != "sft" else {}
+    spec = get_defense(defense, "finetuning")
+    if variant == "panacea":  # the harmful batch is the task batch itself: only the algorithm differs
+        kw = {"harmful_set": [{"input_ids": t, "labels": t} for t in ids]}
+    else:
+        kw = spec.trainer_cls.defense_inputs(args, tok) if variant != "sft" else {}
     trainer = spec.trainer_cls(model=model, args=args, train_dataset=[{"input_ids": [0]}],
                                processing_class=tok, **kw)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by train() in a real run
+    if variant == "lisa":  # anchor taken at step 0, then a later step of the same state: proximal term on
+        trainer.state.max_steps = 100
+        trainer._ensure_anchor(model, 0)
+        trainer.lisa_state, trainer.state.global_step = "finetune", 1
     return trainer, inputs
 
 
@@ -128,6 +140,8 @@ def main() -> None:
         "speedup_surgery_vs_official": round(median["official"] / median["surgery"], 3),
         "ratio_surgery_vs_sft_memory": round(memory["surgery"] / memory["sft"], 3),
         "ratio_official_vs_sft_memory": round(memory["official"] / memory["sft"], 3),
+        **{f"ratio_{v}_vs_sft_time": round(median[v] / median["sft"], 3) for v in ("lisa", "panacea")},
+        **{f"ratio_{v}_vs_sft_memory": round(memory[v] / memory["sft"], 3) for v in ("lisa", "panacea")},
     }
     if args.json:
         print(json.dumps(result))
@@ -140,6 +154,9 @@ def main() -> None:
     print(f"  official / surgery time {result['speedup_surgery_vs_official']:.3f}x  (target >= 1.25)")
     print(f"  official / sft time     {result['ratio_official_vs_sft_time']:.3f}x")
     print(f"  surgery / sft memory    {result['ratio_surgery_vs_sft_memory']:.3f}x  (target <= 1.10)")
+    for v, expected in (("lisa", "about 1.0x"), ("panacea", "about 3x")):
+        print(f"  {v} / sft time {result[f'ratio_{v}_vs_sft_time']:.3f}x (expected {expected}), "
+              f"memory {result[f'ratio_{v}_vs_sft_memory']:.3f}x")
 
 
 if __name__ == "__main__":
