@@ -229,11 +229,15 @@ def run_post_stage(
     inputs = {"model": stamp.path_fingerprint(model_dir),
               "adapter": stamp.path_fingerprint(adapter_dir) if adapter_dir else "none"}
     done = stamp.claim(out, record, inputs, ("model", "repair_log.json"), overwrite)
-    if done and (out / done["model"]).is_dir():
+    if done and (out / done["finished"]["model"]).is_dir():
         log.info("post_finetuning %s: already applied with these settings, reusing %s", defense, out)
-        return out / done["model"]
+        return out / done["finished"]["model"]
     start = time.time()
     path = Path(spec.apply(Path(model_dir), out, config, data_root=data_root,
                            adapter_dir=Path(adapter_dir) if adapter_dir else None))
+    if not (path / "config.json").is_file():
+        raise SinkguardError(f"post-fine-tuning defense {defense!r} returned {path}, which holds no model")
+    if not (path / "tokenizer_config.json").is_file():  # the repaired model keeps its tokenizer
+        load_tokenizer(str(model_dir)).save_pretrained(path)
     stamp.finish(out, model=os.path.relpath(path, out), wall_s=round(time.time() - start, 1))
     return path
