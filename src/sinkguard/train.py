@@ -24,7 +24,7 @@ from .data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example
 from .defenses import get_defense
 from .errors import SinkguardError
 from .io import write_json
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def run_stage(
     final = out / "model"
     spec = get_defense(defense, stage)
     args = make_config(defense, stage, out, **config_overrides)
+    resolve(model_name)  # an unknown model fails here, before the folder is claimed
     record = {"stage": stage, "defense": defense, "model": str(model_name), "lora": lora,
               "system_prompt": system_prompt, "allow_drop": allow_drop,
               **{k: v for k, v in sorted(config_overrides.items())}}
