@@ -105,7 +105,7 @@ def test_labels_mask_the_prompt_and_collator_pads(tokenizer):
 def test_cli_user_mistake_is_one_line_not_a_traceback(capsys):
     code = main(["finetune", "--task", "sst2", "--poison-ratio", "2", "--out", "/tmp/never"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "outside [0, 1]" in err[0]
+    assert code == 2 and len(err) == 1 and "--poison-ratio must be in [0, 1], got 2.0" in err[0]
 
 
 def test_custom_pool_source(tmp_path):

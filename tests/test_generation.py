@@ -260,6 +260,6 @@ def test_cli_writes_eval_json(model, tokenizer, tmp_path, capsys, fake_judge_mod
     assert "other settings" in capsys.readouterr().err
     assert main(argv + ["--limit", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("sinkguard: error: --limit must be at least 1") and "\n" not in err
+    assert err.startswith("sinkguard: error: --limit must be >= 1, got 0") and "\n" not in err
     assert main(["evaluate", "--model", str(model_dir), "--hs-sets", "beavertails,nope", "--out", str(out)]) == 2
-    assert "unknown harmful prompt set(s) nope" in capsys.readouterr().err
+    assert "--hs-sets: unknown 'nope'; valid: " in capsys.readouterr().err

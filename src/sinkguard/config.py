@@ -196,7 +196,7 @@ def _check_choice(value: Any, meta: dict, label: str) -> None:
     valid = list(choices())
     for v in value if isinstance(value, list) else [value]:
         if v not in valid:
-            raise SinkguardError(f"{label}: unknown {v!r}; valid: {', '.join(map(str, valid))}")
+            raise SinkguardError(f"{label}: unknown {v!r}; valid: {', '.join(map(str, valid)) or 'none registered'}")
 
 
 def from_dict(cls, data: Any, section: str):

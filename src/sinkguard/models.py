@@ -87,6 +87,14 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
             f"model {name!r} not found: looked for a bundled alias ({', '.join(BUNDLED)}), "
             "a .gguf file, a local model directory, then a hub id"
         )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise SinkguardError(
+                f"model {name!r} is not a bundled alias ({', '.join(BUNDLED)}), a .gguf file or a local model "
+                "directory, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy; give one of those"
+            )
     return name, None
 
 

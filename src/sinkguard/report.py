@@ -48,10 +48,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def _defense(r: dict) -> str:
+    """The fine-tuning defense, with the post-fine-tuning one after a '+' when there is one."""
+    return r["defense"] + (f" + {r['post']}" if r.get("post", "none") != "none" else "")
+
+
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r.get("alignment", "-"), r["task"], r["defense"], r["poison_ratio"]), []).append(r)
+        groups.setdefault((r.get("alignment", "-"), r["task"], _defense(r), r["poison_ratio"]), []).append(r)
     return groups
 
 
@@ -112,7 +117,7 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
     for r in results["records"]:
         if r.get(metric) is None:
             continue
-        name = f"{r['defense']}" if r.get("alignment") in (None, "none") else f"{r['alignment']} + {r['defense']}"
+        name = _defense(r) if r.get("alignment") in (None, "none") else f"{r['alignment']} + {_defense(r)}"
         if r["poison_ratio"] is None:
             flat.setdefault((r["task"], name), []).append(r[metric])
         else:

@@ -24,7 +24,7 @@ from .data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example
 from .defenses import get_defense
 from .errors import SinkguardError
 from .io import write_json
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def run_stage(
     final = out / "model"
     spec = get_defense(defense, stage)
     args = make_config(defense, stage, out, **config_overrides)
+    resolve(model_name)  # an unknown model fails here, before the folder is claimed
     record = {"stage": stage, "defense": defense, "model": str(model_name), "lora": lora,
               "system_prompt": system_prompt, "allow_drop": allow_drop,
               **{k: v for k, v in sorted(config_overrides.items())}}
@@ -230,11 +231,15 @@ def run_post_stage(
     inputs = {"model": stamp.path_fingerprint(model_dir),
               "adapter": stamp.path_fingerprint(adapter_dir) if adapter_dir else "none"}
     done = stamp.claim(out, record, inputs, ("model", "repair_log.json"), overwrite)
-    if done and (out / done["model"]).is_dir():
+    if done and (out / done["finished"]["model"]).is_dir():
         log.info("post_finetuning %s: already applied with these settings, reusing %s", defense, out)
-        return out / done["model"]
+        return out / done["finished"]["model"]
     start = time.time()
     path = Path(spec.apply(Path(model_dir), out, config, data_root=data_root,
                            adapter_dir=Path(adapter_dir) if adapter_dir else None))
+    if not (path / "config.json").is_file():
+        raise SinkguardError(f"post-fine-tuning defense {defense!r} returned {path}, which holds no model")
+    if not (path / "tokenizer_config.json").is_file():  # the repaired model keeps its tokenizer
+        load_tokenizer(str(model_dir)).save_pretrained(path)
     stamp.finish(out, model=os.path.relpath(path, out), wall_s=round(time.time() - start, 1))
     return path

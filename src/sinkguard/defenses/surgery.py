@@ -54,7 +54,8 @@ class SurgeryConfig(SFTConfig):
     pool_max_length: int = field(default=512, metadata={"help": "token limit of pool texts (official 512)"})
     sink_impl: str = field(
         default="sdpa",
-        metadata={"help": "'sdpa': one fused forward of both pools (same values, faster); "
+        metadata={"help": "'sdpa': the sink column from SDPA with one extra value channel, one decoder "
+                  "forward per pool (same values, no attention maps); "
                   "'eager': the official path, output_attentions and one forward per pool"},
     )
 
