@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from ltsf import CycleNet, Linear, SegRNN, count_parameters
+from ltsf import CycleNet, Linear, LTSFError, SegRNN, count_parameters
 
 B, L, H, C = 3, 48, 24, 4
 
@@ -104,5 +104,5 @@ def test_factorized_pmf_equals_the_repeated_rnn_call(rnn_type, channel_id):
 
 
 def test_segrnn_rejects_segments_that_do_not_divide():
-    with pytest.raises(ValueError, match="seg_len"):
+    with pytest.raises(LTSFError, match="seg_len"):
         SegRNN(50, 24, 2, seg_len=12)

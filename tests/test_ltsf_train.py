@@ -91,15 +91,18 @@ def test_onecycle_init_sets_adam_beta1_like_the_official_loop(monkeypatch):
         assert seen["betas"][0] == pytest.approx(beta1)
 
 
-def test_early_stopping_keeps_the_best_state():
+def test_early_stopping_keeps_the_best_state_and_counts_a_tie_as_improvement():
+    """Official `utils/tools.py`: only `score < best + 0` is a miss, so an equal loss improves."""
     model = torch.nn.Linear(1, 1)
     stop = EarlyStopping(patience=2)
-    for epoch, loss in enumerate([1.0, 0.5, 0.5, 0.7], start=1):
+    improved = []
+    for epoch, loss in enumerate([1.0, 0.5, 0.5, 0.7, 0.6], start=1):
         with torch.no_grad():
             model.weight.fill_(epoch)
-        stop.step(loss, model, epoch)
-    assert stop.stop and stop.best_epoch == 2
-    assert stop.best_state["weight"].item() == 2.0
+        improved.append(stop.step(loss, model, epoch))
+    assert improved == [True, True, True, False, False]
+    assert stop.stop and stop.best_epoch == 3
+    assert stop.best_state["weight"].item() == 3.0
 
 
 def test_cyclenet_learned_cycle_recovers_the_period_shape():

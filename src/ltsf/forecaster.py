@@ -89,7 +89,8 @@ class Forecaster:
         if model not in MODEL_DEFAULTS:
             raise LTSFError(f"unknown model {model!r}; use one of {', '.join(MODEL_DEFAULTS)}")
         values = {**MODEL_DEFAULTS[model], **options, "model": model, "seq_len": seq_len,
-                  "pred_len": pred_len, "data": "custom", "features": "M", "checkpoints": ""}
+                  "pred_len": pred_len, "data": "custom", "data_path": "DataFrame", "features": "M",
+                  "checkpoints": ""}
         self._cycle_given = cycle
         self.config = RunConfig.from_dict({**values, "cycle": cycle or 24}).validate()
         self.model: torch.nn.Module | None = None

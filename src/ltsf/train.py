@@ -29,7 +29,7 @@ from .config import RunConfig
 from .data import ForecastData, WindowDataset, collate_batch, load_benchmark
 from .errors import LTSFError
 from .io import load_weights, save_torch, save_weights, write_json
-from .models import CycleNet, Linear, SegRNN
+from .models import MLP, MODELS, RCF, CycleNet, DLinear, Linear, SegRNN
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +39,30 @@ RESUME = "resume.pt"
 
 
 def build_model(cfg: RunConfig, enc_in: int) -> nn.Module:
-    """Instantiate `cfg.model` for `enc_in` channels (float32, on the CPU)."""
+    """Instantiate `cfg.model` for `enc_in` channels (float32, on the CPU), wrapped in RCF if `--rcf 1`."""
     if cfg.enc_in is not None and cfg.enc_in != enc_in:
         raise LTSFError(f"--enc_in {cfg.enc_in} does not match the data, which has {enc_in} "
                         "channels; drop --enc_in or set it to the number of channels")
+    cfg.validate()
     if cfg.model == "CycleNet":
-        model: nn.Module = CycleNet(cfg.seq_len, cfg.pred_len, enc_in, cfg.cycle,
-                                    model_type=cfg.model_type, d_model=cfg.d_model,
-                                    use_revin=cfg.revin)
-    elif cfg.model == "SegRNN":
-        model = SegRNN(cfg.seq_len, cfg.pred_len, enc_in, seg_len=cfg.seg_len, d_model=cfg.d_model,
-                       dropout=cfg.effective_dropout, rnn_type=cfg.rnn_type, dec_way=cfg.dec_way,
-                       channel_id=bool(cfg.channel_id), revin=cfg.revin)
+        return CycleNet(cfg.seq_len, cfg.pred_len, enc_in, cfg.cycle, model_type=cfg.model_type,
+                        d_model=cfg.d_model, use_revin=cfg.revin).float()
+    revin = cfg.revin and not cfg.rcf  # with RCF the normalisation wraps the cycle removal
+    if cfg.model == "SegRNN":
+        model: nn.Module = SegRNN(cfg.seq_len, cfg.pred_len, enc_in, seg_len=cfg.seg_len,
+                                  d_model=cfg.d_model, dropout=cfg.effective_dropout,
+                                  rnn_type=cfg.rnn_type, dec_way=cfg.dec_way,
+                                  channel_id=bool(cfg.channel_id), revin=revin)
     elif cfg.model == "Linear":
-        model = Linear(cfg.seq_len, cfg.pred_len)
+        model = Linear(cfg.seq_len, cfg.pred_len, use_revin=revin)
+    elif cfg.model == "MLP":
+        model = MLP(cfg.seq_len, cfg.pred_len, d_model=cfg.d_model, use_revin=revin)
+    elif cfg.model == "DLinear":
+        model = DLinear(cfg.seq_len, cfg.pred_len, enc_in, individual=bool(cfg.individual))
     else:
-        raise LTSFError(f"unknown --model {cfg.model!r}; use CycleNet, SegRNN or Linear")
+        raise LTSFError(f"unknown --model {cfg.model!r}; use one of {', '.join(MODELS)}")
+    if cfg.rcf:
+        model = RCF(model, cfg.seq_len, cfg.pred_len, enc_in, cfg.cycle, use_revin=cfg.revin)
     return model.float()
 
 
@@ -91,7 +99,11 @@ def lr_after_epoch(epoch: int, lradj: str, base: float) -> float | None:
 
 
 class EarlyStopping:
-    """Stop after `patience` epochs without a strictly lower validation loss; keep the best state."""
+    """Stop after `patience` epochs without improvement; keep the best state.
+
+    An equal validation loss counts as an improvement, as the official `utils/tools.py`
+    (`score < best_score + delta` with `delta = 0` is the only non-improving case).
+    """
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -102,7 +114,7 @@ class EarlyStopping:
 
     def step(self, val_loss: float, model: nn.Module, epoch: int) -> bool:
         """Record `val_loss`; return True when this epoch improved on the best."""
-        if val_loss < self.best or self.best_state is None:
+        if val_loss <= self.best or self.best_state is None:
             self.best, self.best_epoch, self.counter = val_loss, epoch, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return True
@@ -216,7 +228,7 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
     from it, giving the same result as an uninterrupted run.
     Returns the per-epoch history, the epochs run, the best epoch and timings.
     """
-    criterion = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
+    criterion = nn.MSELoss() if cfg.effective_loss == "mse" else nn.L1Loss()
     device = resolve_device(cfg.device)
     model.to(device)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, drop_last=True)
