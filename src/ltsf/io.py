@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file in the same folder, then os.replace) for JSON, safetensors, torch."""
+"""Atomic file writes (temp file in the same folder, then os.replace) for text, JSON and safetensors."""
 
 from __future__ import annotations
 
@@ -42,11 +42,6 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     """Save a state dict as safetensors atomically (tensors made contiguous CPU copies)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
-
-
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    """`torch.save` atomically (used for the per-epoch resume state)."""
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

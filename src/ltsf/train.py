@@ -26,16 +26,24 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto: its async wrapper calls iter() twice, an extra RNG draw
 
 from .config import RunConfig
-from .data import ForecastData, WindowDataset, collate_batch, load_benchmark
+from .data import ForecastData, WindowDataset, collate_batch, load_benchmark, resolve_data_file
 from .errors import LTSFError
-from .io import load_weights, save_torch, save_weights, write_json
+from .io import load_weights, save_weights, write_json
 from .models import MLP, MODELS, RCF, CycleNet, DLinear, Linear, SegRNN
+from .state import (
+    SETTINGS,
+    check_run_folder,
+    clear_resume,
+    load_resume,
+    restore_rng,
+    save_resume,
+    settings_record,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
-RESUME = "resume.pt"
 
 
 def build_model(cfg: RunConfig, enc_in: int) -> nn.Module:
@@ -188,43 +196,13 @@ def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _load_resume(path: Path | None, cfg: RunConfig) -> dict[str, Any] | None:
-    """The resume state saved by an interrupted run of the same configuration, if any."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a damaged file only costs the epochs it held
-        log.warning("cannot read %s (%s); training starts from epoch 1", path, err)
-        return None
-    if not _same_config(state.get("config") or {}, cfg):
-        log.warning("%s belongs to another configuration; training starts from epoch 1", path)
-        return None
-    return state
-
-
 def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
                 checkpoint: Path | None = None, progress: bool = True,
                 resume: Path | None = None) -> dict[str, Any]:
     """Train `model` in place on `data.train` with early stopping on `data.val`; load the best state.
 
-    With `resume`, the full training state (weights, optimizer, schedule, early stopping, RNG) is
-    saved there after every epoch and an interrupted run of the same configuration continues
+    With `resume` (a run folder), the full training state (weights, optimizer, schedule, early
+    stopping, RNG) is saved there after every epoch as safetensors + JSON (no pickle) and an interrupted run of the same configuration continues
     from it, giving the same result as an uninterrupted run.
     Returns the per-epoch history, the epochs run, the best epoch and timings.
     """
@@ -248,7 +226,7 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
     history: list[dict[str, float]] = []
     train_time = 0.0
     start = 1
-    saved = _load_resume(resume, cfg)
+    saved = load_resume(resume, cfg) if resume is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         optim.load_state_dict(saved["optim"])
@@ -256,7 +234,7 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
             scheduler.load_state_dict(saved["scheduler"])
         stopper.__dict__.update(saved["stopper"])
         history, train_time, start = saved["history"], saved["train_time"], saved["epoch"] + 1
-        _set_rng_state(saved["rng"])
+        restore_rng(saved)
         log.info("%s resumed after epoch %d", cfg.setting, saved["epoch"])
     bar = tqdm(range(start, cfg.train_epochs + 1), desc=cfg.setting, disable=not progress,
                unit="epoch", dynamic_ncols=True, initial=start - 1, total=cfg.train_epochs)
@@ -300,12 +278,9 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
             if new_lr is not None:
                 _set_lr(optim, new_lr)
         if resume is not None:
-            save_torch(resume, {
-                "config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
-                "optim": optim.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "stopper": dict(stopper.__dict__), "history": history, "train_time": train_time,
-                "rng": _rng_state()})
+            save_resume(resume, cfg=cfg, epoch=epoch, model=model, optim=optim,
+                        scheduler=scheduler, stopper=stopper, history=history,
+                        train_time=train_time)
     bar.close()
     model.load_state_dict(stopper.best_state)
     return {"history": history, "epochs_run": len(history), "best_epoch": stopper.best_epoch,
@@ -326,21 +301,26 @@ def run_dir(cfg: RunConfig) -> Path:
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run one benchmark experiment end to end and write `results.json` + the best checkpoint.
 
-    A finished run with the same configuration is not repeated (its results are returned with
-    `cached: true`) unless `overwrite`; an interrupted one continues from its last finished epoch.
+    The folder records the settings and the data's hash (`settings.json`). A finished run with
+    the same settings and data is not repeated (its results are returned with `cached: true`);
+    an interrupted one continues from its last finished epoch; a folder holding other settings
+    or data is an error naming them, unless `overwrite` (then it trains again from scratch).
     """
     cfg.validate()
     out_dir = run_dir(cfg)
     results_path = out_dir / RESULTS
-    if results_path.is_file() and not overwrite:
-        try:
-            previous = json.loads(results_path.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        if previous and _same_config(previous.get("config") or {}, cfg):
+    data_file = resolve_data_file(cfg.data, cfg.data_path, cfg.root_path)
+    record = settings_record(cfg, data_file)
+    previous = _read_results(results_path) if results_path.is_file() else None
+    if overwrite:
+        clear_resume(out_dir)
+        for name in (RESULTS, CHECKPOINT):
+            (out_dir / name).unlink(missing_ok=True)
+    else:
+        check_run_folder(out_dir, record, cfg, (previous or {}).get("config"))
+        if previous is not None:
             previous["cached"] = True
             return previous
-        log.warning("%s holds a run with another configuration; it is replaced", out_dir)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     t_start = time.perf_counter()
@@ -349,11 +329,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
     seed_everything(cfg.random_seed)
     model = build_model(cfg, data.n_channels)
     n_params = count_parameters(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        (out_dir / RESUME).unlink(missing_ok=True)
+    write_json(out_dir / SETTINGS, record)
     fit = train_model(model, data, cfg, checkpoint=out_dir / CHECKPOINT, progress=progress,
-                      resume=out_dir / RESUME)
+                      resume=out_dir)
     pred, true = predict_windows(model, data.test, cfg.batch_size, data.target_only)
     scores = metrics(pred, true)
     result = {
@@ -361,7 +339,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
         "data_file": Path(str(data.info["path"])).name,
         "model_type": cfg.model_type if cfg.model == "CycleNet" else None,
         "seq_len": cfg.seq_len, "pred_len": cfg.pred_len, "random_seed": cfg.random_seed,
-        "mse": scores["mse"], "mae": scores["mae"], "params": n_params,
+        **scores, "params": n_params,
         "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
         "best_val_loss": fit["best_val_loss"], "train_time_s": fit["train_time_s"],
         "time_per_epoch_s": fit["time_per_epoch_s"],
@@ -370,17 +348,22 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
         "windows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": CHECKPOINT, "config": cfg.to_dict(), "history": fit["history"],
+        "checkpoint": CHECKPOINT, "settings_hash": record["hash"], "config": cfg.to_dict(),
+        "scaler": data.scaler.to_dict(), "history": fit["history"],
     }
     write_json(results_path, result)
-    (out_dir / RESUME).unlink(missing_ok=True)
+    clear_resume(out_dir)
     return result
 
 
-def _same_config(stored: dict[str, Any], cfg: RunConfig) -> bool:
-    """Whether a stored config equals `cfg` (fields added since then must hold their defaults)."""
-    current, default = cfg.to_dict(), RunConfig().to_dict()
-    return all(stored[k] == v if k in stored else v == default[k] for k, v in current.items())
+def _read_results(path: Path) -> dict[str, Any] | None:
+    """A run's `results.json`, or None when it is damaged (the run is then redone)."""
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is damaged; the run is redone", path)
+        return None
+    return out if isinstance(out, dict) and "mse" in out else None
 
 
 def load_run_model(run_path: str | Path) -> tuple[nn.Module, RunConfig]:
