@@ -219,6 +219,30 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """`ltsf predict`: forecasts in the data's units as CSV + PNG (+ metrics when known)."""
+    from .predict import predict_checkpoint, predict_run
+
+    if (args.run is None) == (args.checkpoint is None):
+        raise LTSFError("give exactly one of --run RUN_DIR or --checkpoint PATH")
+    if args.checkpoint is not None:
+        if args.data is None:
+            raise LTSFError("--checkpoint needs --data FILE (the series to forecast)")
+        flags = {k: getattr(args, k) for k in ("seq_len", "pred_len", "use_revin", "enc_in", "cycle")
+                 if getattr(args, k) is not None}
+        out = predict_checkpoint(args.checkpoint, args.data, args.out, model=args.model,
+                                 data_kind=args.data_kind, split=args.split, windows=args.windows,
+                                 channels=args.channels, **flags)
+    else:
+        out = predict_run(args.run, args.out, data=args.data, split=args.split,
+                          windows=args.windows, channels=args.channels)
+    summary = {"csv": out["csv"], "png": out["png"]}
+    if "metrics" in out:
+        summary.update({k: round(v, 6) for k, v in out["metrics"].items() if isinstance(v, float)})
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     """`ltsf table PATH...`: markdown table of results (to stdout or --out)."""
     from .io import write_text
@@ -252,6 +276,24 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     gr.add_argument("--list", action="store_true", help="only list the runs")
     gr.add_argument("--quiet", action="store_true", help="no progress bars")
     gr.set_defaults(func=cmd_grid)
+    pr = sub.add_parser("predict", help="forecasts of a run or an official checkpoint as CSV + PNG")
+    pr.add_argument("--run", default=None, help="run folder written by `ltsf train`")
+    pr.add_argument("--checkpoint", default=None, help="official CycleNet/SegRNN checkpoint.pth")
+    pr.add_argument("--data", default=None,
+                    help="CSV to forecast (default for --run: the run's own data file)")
+    pr.add_argument("--split", choices=("test", "future"), default="test",
+                    help="test: windows of the test part (actual known); future: past the file's end")
+    pr.add_argument("--windows", default="last", help="last (default), all, or the last N windows")
+    pr.add_argument("--channels", nargs="+", default=None,
+                    help="channels to plot (default: the last column, the target)")
+    pr.add_argument("--out", required=True, help="output folder")
+    ck = pr.add_argument_group("with --checkpoint (official flag names; sizes are read from it)")
+    ck.add_argument("--model", default="CycleNet", choices=("CycleNet", "SegRNN", "Linear", "DLinear"))
+    ck.add_argument("--data_kind", default=None, choices=list(DATASET_KINDS),
+                    help="official --data name for the split (default: from the file name)")
+    for flag in ("--seq_len", "--pred_len", "--use_revin", "--enc_in", "--cycle"):
+        ck.add_argument(flag, type=int, default=None)
+    pr.set_defaults(func=cmd_predict)
     tb = sub.add_parser("table", help="markdown table from results.json files or folders")
     tb.add_argument("paths", nargs="+")
     tb.add_argument("--out", default=None, help="write the table to this file")
@@ -275,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ltsf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ltsf grid --list | head`
+        return 0
 
 
 if __name__ == "__main__":

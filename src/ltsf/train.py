@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto: its async wrapper calls iter() twice, an extra RNG draw
 
 from .config import RunConfig
-from .data import ForecastData, WindowDataset, collate_batch, load_benchmark, resolve_data_file
+from .data import (
+    ForecastData,
+    StandardScaler,
+    WindowDataset,
+    collate_batch,
+    load_benchmark,
+    resolve_data_file,
+)
 from .errors import LTSFError
 from .io import load_weights, save_weights, write_json
 from .models import MLP, MODELS, RCF, CycleNet, DLinear, Linear, SegRNN
@@ -190,10 +197,39 @@ def predict_windows(model: nn.Module, ds: WindowDataset, batch_size: int = 256,
     return np.concatenate(preds), np.concatenate(trues)
 
 
-def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """MSE and MAE over all windows, horizons and channels (float64 accumulation)."""
-    err = pred.astype(np.float64) - true.astype(np.float64)
-    return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
+def metrics(pred: np.ndarray, true: np.ndarray, scaler: StandardScaler | None = None) -> dict[str, float]:
+    """Forecast errors over all windows, horizons and channels (float64 accumulation).
+
+    On the scaled values (the benchmark convention): MSE, MAE, RMSE, RSE as the official
+    `utils/metrics.py`, and CORR as the mean over channels of the Pearson correlation between
+    forecast and truth over all windows and steps (the official CORR is not a correlation: its
+    denominator is `sqrt(sum(a^2 b^2))` instead of `sqrt(sum(a^2) sum(b^2))`, scaled by 0.01).
+    With `scaler`, MAPE and MSPE on the original units (on scaled values, near 0 by
+    construction, they explode), over the entries whose truth is not 0 (the official ones divide
+    by 0 there), plus MSE/MAE in the original units.
+    """
+    p, t = pred.astype(np.float64), true.astype(np.float64)
+    err = p - t
+    mse = float(np.mean(err ** 2))
+    out = {"mse": mse, "mae": float(np.mean(np.abs(err))), "rmse": math.sqrt(mse),
+           "rse": float(np.sqrt(np.sum(err ** 2)) / np.sqrt(np.sum((t - t.mean()) ** 2)))}
+    pc = p.reshape(-1, p.shape[-1]) - p.reshape(-1, p.shape[-1]).mean(0)
+    tc = t.reshape(-1, t.shape[-1]) - t.reshape(-1, t.shape[-1]).mean(0)
+    denom = np.sqrt((pc ** 2).sum(0) * (tc ** 2).sum(0))
+    corr = np.where(denom > 0, (pc * tc).sum(0) / np.where(denom > 0, denom, 1.0), np.nan)
+    out["corr"] = float(np.nanmean(corr)) if np.isfinite(corr).any() else math.nan
+    if scaler is not None:
+        mean, scale = scaler.mean, scaler.scale
+        if p.shape[-1] != len(mean):  # MS: only the target (last) channel is forecast
+            mean, scale = mean[-1:], scale[-1:]
+        po, to = p * scale + mean, t * scale + mean
+        nz = to != 0
+        rel = (po[nz] - to[nz]) / to[nz]
+        out.update(mse_orig=float(np.mean((po - to) ** 2)), mae_orig=float(np.mean(np.abs(po - to))),
+                   mape=float(np.mean(np.abs(rel))) if rel.size else math.nan,
+                   mspe=float(np.mean(rel ** 2)) if rel.size else math.nan,
+                   mape_excluded=int((~nz).sum()))
+    return out
 
 
 def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
@@ -333,7 +369,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
     fit = train_model(model, data, cfg, checkpoint=out_dir / CHECKPOINT, progress=progress,
                       resume=out_dir)
     pred, true = predict_windows(model, data.test, cfg.batch_size, data.target_only)
-    scores = metrics(pred, true)
+    scores = metrics(pred, true, data.scaler)
     result = {
         "setting": cfg.setting, "model": cfg.model, "data": cfg.data,
         "data_file": Path(str(data.info["path"])).name,
