@@ -101,7 +101,9 @@ def _load_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise LTSFError(f"config file {p} not found")
     try:
-        content = yaml.safe_load(p.read_text()) or {}
+        content = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise LTSFError(f"{p}: not UTF-8 text; save the YAML file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise LTSFError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(content, dict):
@@ -256,9 +258,16 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage on errors (the full usage is in `-h`)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"usage: {self.prog} [options] (see {self.prog} -h)\n{self.prog}: error: {message}\n")
+
+
 def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The `ltsf` argument parser; `train_defaults` (from `--config`) override flag defaults."""
-    parser = argparse.ArgumentParser(prog="ltsf", description="CycleNet, SegRNN and Linear "
+    parser = _Parser(prog="ltsf", description="CycleNet, SegRNN and Linear "
                                      "forecasters on the standard LTSF benchmarks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -10,7 +10,6 @@ stopping / 20 % test, reported in `test_metrics_`), scaling fitted on the traini
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from .config import RunConfig
 from .data import SeriesData, _frame_to_series, make_splits
 from .errors import LTSFError
-from .io import load_weights, save_weights, write_json
+from .io import load_weights, read_json, save_weights, write_json
 from .train import (
     _forward,
     build_model,
@@ -249,7 +248,9 @@ class Forecaster:
         path = Path(path)
         if not (path / _META).is_file() or not (path / _STATE).is_file():
             raise LTSFError(f"{path} is not a saved Forecaster (needs {_META} and {_STATE})")
-        meta = json.loads((path / _META).read_text())
+        meta = read_json(path / _META, "saved Forecaster metadata")
+        if not isinstance(meta, dict) or not {"config", "columns", "scaler"} <= set(meta):
+            raise LTSFError(f"{path / _META} lacks config/columns/scaler; save the Forecaster again")
         cfg = RunConfig.from_dict(meta["config"])
         fc = cls(cfg.model, cfg.seq_len, cfg.pred_len, cfg.cycle)
         fc.config = cfg

@@ -8,7 +8,6 @@ truth is known, `metrics.json` (all `ltsf.train.metrics`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from .data import (
     split_borders,
 )
 from .errors import LTSFError
-from .io import write_json, write_text
+from .io import read_json, write_json, write_text
 from .train import RESULTS, _forward, load_run_model, metrics
 
 log = logging.getLogger(__name__)
@@ -210,7 +209,7 @@ def predict_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, data: st
     """Forecasts of a run folder written by `ltsf train` (scaling: the run's training statistics)."""
     run_dir = Path(run_dir)
     model, cfg = load_run_model(run_dir)
-    info = json.loads((run_dir / RESULTS).read_text(encoding="utf-8"))
+    info = read_json(run_dir / RESULTS, "run results")
     own = resolve_data_file(cfg.data, cfg.data_path, cfg.root_path)
     kind = DATASET_KINDS[cfg.data]
     reference = read_series(own, kind=kind, features=cfg.features, target=cfg.target)

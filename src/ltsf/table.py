@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LTSFError
+from .io import read_json
 
 #: Published look-back-96 numbers restated in the project spec (ETTh1 only; CycleNet: mean of the
 #: five seeds of the official result file; SegRNN: repository README after the drop_last fix).
@@ -55,10 +55,12 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Read all result files."""
     out = []
     for f in find_results(paths):
-        try:
-            out.append(json.loads(f.read_text()))
-        except json.JSONDecodeError as exc:
-            raise LTSFError(f"{f} is not valid JSON ({exc}); delete it or rerun that run") from None
+        r = read_json(f, "results file")
+        missing = [k for k in ("model", "data", "seq_len", "pred_len", "mse", "mae", "random_seed")
+                   if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise LTSFError(f"{f} lacks {', '.join(missing)}; it is not an `ltsf train` results.json")
+        out.append(r)
     return out
 
 

@@ -35,7 +35,7 @@ from .data import (
     resolve_data_file,
 )
 from .errors import LTSFError
-from .io import load_weights, save_weights, write_json
+from .io import load_weights, read_json, save_weights, write_json
 from .models import MLP, MODELS, RCF, CycleNet, DLinear, Linear, SegRNN
 from .state import (
     SETTINGS,
@@ -408,7 +408,9 @@ def load_run_model(run_path: str | Path) -> tuple[nn.Module, RunConfig]:
     results = run_path / RESULTS
     if not results.is_file():
         raise LTSFError(f"{run_path} holds no {RESULTS}; pass a folder written by `ltsf train`")
-    info = json.loads(results.read_text())
+    info = read_json(results, "run results")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise LTSFError(f"{results} has no 'config'; it is not an `ltsf train` results.json")
     cfg = RunConfig.from_dict(info["config"])
     state = load_weights(run_path / CHECKPOINT)
     enc_in = cfg.enc_in or info.get("channels") or _channels_from_state(state)
