@@ -40,7 +40,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusals, truncated zips, foreign formats
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LTSFError(f"{path} is not a readable state-dict checkpoint ({first[:160]})") from None
+        raise LTSFError(f"{path} is not a readable state-dict checkpoint ({first.split('. ')[0][:120]})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
