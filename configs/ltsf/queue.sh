@@ -4,7 +4,8 @@
 # rerunning this script continues where it stopped. It trains from a snapshot of src/ taken at
 # start (runs/job_src), so editing the tree does not change a running queue.
 #   nohup configs/ltsf/queue.sh >> /work/logs/ltsf_queue.log 2>&1 &
-# Results: runs/ltsf/repro/*/results.json; table: ltsf table runs/ltsf/repro
+# Results: runs/ltsf/repro/*/results.json; tables: ltsf table runs/ltsf/repro [--rcf]
+# (edit this file only by writing a copy and renaming it over: a running bash reads it lazily)
 set -u
 cd "$(dirname "$0")/../.."
 PY=${PY:-/work/main/.venv/bin/python}
@@ -18,6 +19,8 @@ grid configs/ltsf/rcf_plugin_etth.yaml --seeds 2024
 grid configs/ltsf/cyclenet_etth_long.yaml --seeds 2024
 grid configs/ltsf/rcf_plugin_etth.yaml --seeds 2025 2026 2027 2028 --order seed
 for seed in 2025 2026 2027 2028; do grid configs/ltsf/cyclenet_etth_long.yaml --seeds "$seed"; done
+# CycleNet look-back 96 (the RLinear / RMLP + RCF pairs of `ltsf table --rcf`)
+grid configs/ltsf/cyclenet_etth.yaml --order seed
 # (c) SegRNN look-back 720, ETTh1-96, one seed (hours on one core)
 grid configs/ltsf/segrnn_etth_long.yaml
 echo "ltsf queue finished $(date -u +%FT%TZ)"

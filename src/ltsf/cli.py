@@ -248,9 +248,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     """`ltsf table PATH...`: markdown table of results (to stdout or --out)."""
     from .io import write_text
-    from .table import load_results, markdown_table
+    from .table import load_results, markdown_table, rcf_table
 
-    text = markdown_table(load_results(args.paths), published=not args.no_published)
+    results = load_results(args.paths)
+    text = rcf_table(results) if args.rcf else markdown_table(results, published=not args.no_published)
     if args.out:
         write_text(args.out, text)
     else:
@@ -307,6 +308,8 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     tb.add_argument("paths", nargs="+")
     tb.add_argument("--out", default=None, help="write the table to this file")
     tb.add_argument("--no-published", action="store_true", help="omit the published columns")
+    tb.add_argument("--rcf", action="store_true",
+                    help="the RCF plug-in comparison: each backbone with and without RCF")
     tb.set_defaults(func=cmd_table)
     return parser
 

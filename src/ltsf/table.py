@@ -175,3 +175,30 @@ def markdown_table(results: list[dict[str, Any]], published: bool = True) -> str
                 f"{_mean_std([r['wall_time_s'] for r in rs])[0]:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: (backbone, backbone + RCF) label pairs compared by `rcf_table`.
+RCF_PAIRS = (("Linear", "Linear+RCF"), ("RLinear", "CycleNet/Linear"), ("RMLP", "CycleNet/MLP"),
+             ("DLinear", "DLinear+RCF"), ("SegRNN", "SegRNN+RCF"), ("MLP", "MLP+RCF"))
+
+
+def rcf_table(results: list[dict[str, Any]]) -> str:
+    """RCF plug-in comparison: each backbone's MSE/MAE with and without the learned cycle."""
+    groups: dict[tuple[str, str, int, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        groups[(Path(r.get("data_file", r["data"])).stem, model_label(r), r["seq_len"], r["pred_len"])].append(r)
+    head = ["data", "L", "H", "backbone", "seeds", "MSE", "MAE", "+RCF seeds", "+RCF MSE",
+            "+RCF MAE", "ΔMSE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted({(d, sl, pl) for d, _, sl, pl in groups})
+    for base, plus in RCF_PAIRS:
+        for d, sl, pl in keys:
+            a, b = groups.get((d, base, sl, pl)), groups.get((d, plus, sl, pl))
+            if not a or not b:
+                continue
+            ma, mb = _mean_std([r["mse"] for r in a])[0], _mean_std([r["mse"] for r in b])[0]
+            lines.append("| " + " | ".join([
+                d, str(sl), str(pl), base, str(len(a)), _fmt([r["mse"] for r in a]),
+                _fmt([r["mae"] for r in a]), str(len(b)), _fmt([r["mse"] for r in b]),
+                _fmt([r["mae"] for r in b]), f"{100.0 * (mb - ma) / ma:+.1f} %"]) + " |")
+    return "\n".join(lines) + "\n"
