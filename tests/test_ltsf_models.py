@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from ltsf import CycleNet, Linear, SegRNN, count_parameters
+from ltsf import CycleNet, Linear, LTSFError, SegRNN, count_parameters
 
 B, L, H, C = 3, 48, 24, 4
 
@@ -104,5 +104,39 @@ def test_factorized_pmf_equals_the_repeated_rnn_call(rnn_type, channel_id):
 
 
 def test_segrnn_rejects_segments_that_do_not_divide():
-    with pytest.raises(ValueError, match="seg_len"):
+    with pytest.raises(LTSFError, match="seg_len"):
         SegRNN(50, 24, 2, seg_len=12)
+
+
+@pytest.mark.parametrize("model_type", ["linear", "mlp"])
+def test_rcf_around_rlinear_or_rmlp_is_cyclenet(model_type):
+    """CycleNet = instance norm + RCF around Linear/MLP: same weights give the same forecast."""
+    from ltsf import MLP, RCF
+
+    torch.manual_seed(0)
+    net = CycleNet(L, H, C, 24, model_type=model_type, d_model=16)
+    with torch.no_grad():
+        net.cycleQueue.data.normal_()
+    inner = Linear(L, H) if model_type == "linear" else MLP(L, H, d_model=16)
+    wrapped = RCF(inner, L, H, C, 24, use_revin=True)
+    prefix = "backbone.Linear." if model_type == "linear" else "backbone.MLP."
+    wrapped.load_state_dict({"cycleQueue.data": net.cycleQueue.data,
+                             **{prefix + k: v for k, v in net.model.state_dict().items()}})
+    x, phase = torch.randn(B, L, C), torch.tensor([0, 5, 23])
+    assert torch.allclose(net(x, phase), wrapped(x, phase), atol=1e-6)
+
+
+def test_dlinear_matches_the_official_decomposition():
+    """Trend = centred 25-step moving average with the first/last row repeated 12 times."""
+    from ltsf import DLinear
+
+    torch.manual_seed(0)
+    net = DLinear(L, H, C)
+    x = torch.randn(B, L, C)
+    padded = torch.cat([x[:, :1].repeat(1, 12, 1), x, x[:, -1:].repeat(1, 12, 1)], dim=1)
+    trend = torch.stack([padded[:, i:i + 25].mean(1) for i in range(L)], dim=1)
+    seasonal = x - trend
+    ref = (net.Linear_Seasonal(seasonal.transpose(1, 2)) + net.Linear_Trend(trend.transpose(1, 2))).transpose(1, 2)
+    assert torch.allclose(net(x), ref, atol=1e-5)
+    ind = DLinear(L, H, C, individual=True)
+    assert count_parameters(ind) == C * count_parameters(net) and ind(x).shape == (B, H, C)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,6 +25,7 @@ from ltsf import (
     train_model,
 )
 from ltsf.cli import main
+from ltsf.io import load_weights
 from ltsf.table import load_results, markdown_table
 from ltsf.train import EarlyStopping
 
@@ -91,15 +94,18 @@ def test_onecycle_init_sets_adam_beta1_like_the_official_loop(monkeypatch):
         assert seen["betas"][0] == pytest.approx(beta1)
 
 
-def test_early_stopping_keeps_the_best_state():
+def test_early_stopping_keeps_the_best_state_and_counts_a_tie_as_improvement():
+    """Official `utils/tools.py`: only `score < best + 0` is a miss, so an equal loss improves."""
     model = torch.nn.Linear(1, 1)
     stop = EarlyStopping(patience=2)
-    for epoch, loss in enumerate([1.0, 0.5, 0.5, 0.7], start=1):
+    improved = []
+    for epoch, loss in enumerate([1.0, 0.5, 0.5, 0.7, 0.6], start=1):
         with torch.no_grad():
             model.weight.fill_(epoch)
-        stop.step(loss, model, epoch)
-    assert stop.stop and stop.best_epoch == 2
-    assert stop.best_state["weight"].item() == 2.0
+        improved.append(stop.step(loss, model, epoch))
+    assert improved == [True, True, True, False, False]
+    assert stop.stop and stop.best_epoch == 3
+    assert stop.best_state["weight"].item() == 3.0
 
 
 def test_cyclenet_learned_cycle_recovers_the_period_shape():
@@ -212,13 +218,14 @@ def test_enc_in_mismatch_is_a_clear_error():
         build_model(RunConfig(enc_in=5), 7)
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, lradj", [("SegRNN", "type1"), ("CycleNet", "TST")])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, model, lradj):
     write_sine_csv(tmp_path / "sine.csv")
 
     def cfg(folder: str) -> RunConfig:
-        return RunConfig(model="SegRNN", data="custom", data_path="sine.csv", root_path=str(tmp_path),
+        return RunConfig(model=model, data="custom", data_path="sine.csv", root_path=str(tmp_path),
                          seq_len=48, pred_len=24, seg_len=24, d_model=16, dropout=0.5, batch_size=64,
-                         train_epochs=3, patience=3, learning_rate=0.01, lradj="type1",
+                         train_epochs=3, patience=3, learning_rate=0.01, lradj=lradj, cycle=W,
                          checkpoints=str(tmp_path / folder))
 
     whole = run(cfg("whole"), progress=False)
@@ -233,10 +240,55 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(cfg("cut"), progress=False)
     folder = tmp_path / "cut" / cfg("cut").setting
-    assert (folder / "resume.pt").is_file() and not (folder / "results.json").exists()
+    assert not (folder / "results.json").exists()
+    state = json.loads((folder / "resume.json").read_text())  # no pickle: JSON + safetensors
+    assert state["epoch"] == 1 and set(load_weights(folder / "resume.safetensors")) >= {"rng.torch"}
     monkeypatch.setattr(EarlyStopping, "step", step)
     resumed = run(cfg("cut"), progress=False)
     assert resumed["resumed_after_epoch"] == 1 and whole["resumed_after_epoch"] == 0
     assert resumed["mse"] == whole["mse"] and resumed["mae"] == whole["mae"]
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in whole["history"]]
-    assert not (folder / "resume.pt").exists()
+    assert not (folder / "resume.json").exists() and not (folder / "resume.safetensors").exists()
+
+
+def test_nothing_in_ltsf_unpickles():
+    src = Path(__file__).resolve().parents[1] / "src" / "ltsf"
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        assert "weights_only=False" not in text and "import pickle" not in text, path
+        for call in re.findall(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+def _sine_cfg(tmp_path, **kw) -> RunConfig:
+    base = dict(model="CycleNet", model_type="linear", data="custom", data_path="sine.csv",
+                root_path=str(tmp_path), seq_len=48, pred_len=24, cycle=W, batch_size=64,
+                train_epochs=1, learning_rate=0.01, checkpoints=str(tmp_path / "runs"))
+    return RunConfig(**{**base, **kw})
+
+
+def test_rerun_with_other_settings_or_data_is_refused_unless_overwrite(tmp_path):
+    write_sine_csv(tmp_path / "sine.csv")
+    first = run(_sine_cfg(tmp_path), progress=False)
+    # same folder name, different learning rate (not part of the name)
+    with pytest.raises(LTSFError, match=r"learning_rate: 0\.01 -> 0\.02.*--overwrite"):
+        run(_sine_cfg(tmp_path, learning_rate=0.02), progress=False)
+    # runtime-only fields may change
+    assert run(_sine_cfg(tmp_path, num_threads=1), progress=False)["cached"]
+    again = run(_sine_cfg(tmp_path, learning_rate=0.02), overwrite=True, progress=False)
+    assert not again.get("cached") and again["config"]["learning_rate"] == 0.02
+    write_sine_csv(tmp_path / "sine.csv", n=1000)  # the data file changes
+    with pytest.raises(LTSFError, match="data file sine.csv: sha256"):
+        run(_sine_cfg(tmp_path, learning_rate=0.02), progress=False)
+    assert first["settings_hash"] != again["settings_hash"]
+
+
+def test_legacy_folder_without_settings_record_is_checked_against_its_results(tmp_path):
+    write_sine_csv(tmp_path / "sine.csv")
+    cfg = _sine_cfg(tmp_path)
+    run(cfg, progress=False)
+    folder = tmp_path / "runs" / cfg.setting
+    (folder / "settings.json").unlink()
+    assert run(_sine_cfg(tmp_path), progress=False)["cached"]
+    with pytest.raises(LTSFError, match="patience: 5 -> 7"):
+        run(_sine_cfg(tmp_path, patience=7), progress=False)

@@ -1,5 +1,7 @@
-"""ltsf: exact CycleNet, SegRNN and Linear forecasters with the standard LTSF benchmark protocol."""
+"""ltsf: exact CycleNet, SegRNN, DLinear and Linear/MLP forecasters, RCF as a plug-in, and the
+standard LTSF benchmark protocol."""
 
+from .checkpoint import CheckpointForecaster, load_checkpoint
 from .config import RunConfig
 from .data import (
     DATASET_KINDS,
@@ -16,7 +18,7 @@ from .data import (
 )
 from .errors import LTSFError
 from .forecaster import Forecaster
-from .models import MODELS, CycleNet, Linear, RecurrentCycle, SegRNN
+from .models import MLP, MODELS, RCF, CycleNet, DLinear, Linear, RecurrentCycle, SegRNN
 from .train import (
     build_model,
     count_parameters,
@@ -29,7 +31,7 @@ from .train import (
 )
 
 __all__ = [
-    "DATASET_KINDS", "MODELS", "CycleNet", "ForecastData", "Forecaster", "LTSFError", "Linear",
+    "MLP", "RCF", "CheckpointForecaster", "DLinear", "load_checkpoint", "DATASET_KINDS", "MODELS", "CycleNet", "ForecastData", "Forecaster", "LTSFError", "Linear",
     "RecurrentCycle", "RunConfig", "SegRNN", "SeriesData", "StandardScaler", "WindowDataset",
     "build_model", "count_parameters", "cycle_phase", "default_data_root", "load_benchmark",
     "load_run_model", "lr_after_epoch", "make_splits", "metrics", "predict_windows",

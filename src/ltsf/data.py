@@ -41,11 +41,18 @@ DEFAULT_FILES: dict[str, str] = {
     "Solar": "solar_AL.txt",
 }
 
-#: Cycle lengths used by the CycleNet scripts, keyed by file stem.
-STANDARD_CYCLES: dict[str, int] = {
-    "ETTh1": 24, "ETTh2": 24, "ETTm1": 96, "ETTm2": 96, "electricity": 168,
-    "traffic": 168, "weather": 144, "solar_AL": 144,
+#: Per-dataset defaults of the official CycleNet scripts, keyed by file stem: the cycle length W
+#: (ETT hourly 24, ETT 15-min 96, Weather / Solar 144 = one day, Electricity / Traffic 168 = one
+#: week) and the batch size. `--cycle` / `--batch_size` left unset take these.
+DATASET_DEFAULTS: dict[str, dict[str, int]] = {
+    "ETTh1": {"cycle": 24, "batch_size": 256}, "ETTh2": {"cycle": 24, "batch_size": 256},
+    "ETTm1": {"cycle": 96, "batch_size": 256}, "ETTm2": {"cycle": 96, "batch_size": 256},
+    "weather": {"cycle": 144, "batch_size": 256}, "solar_AL": {"cycle": 144, "batch_size": 64},
+    "electricity": {"cycle": 168, "batch_size": 64}, "traffic": {"cycle": 168, "batch_size": 64},
 }
+
+#: Batch size for data without a `DATASET_DEFAULTS` entry (the official `run.py` default).
+DEFAULT_BATCH_SIZE = 128
 
 FEATURES = ("M", "S", "MS")
 

@@ -10,7 +10,6 @@ stopping / 20 % test, reported in `test_metrics_`), scaling fitted on the traini
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from .config import RunConfig
 from .data import SeriesData, _frame_to_series, make_splits
 from .errors import LTSFError
-from .io import load_weights, save_weights, write_json
+from .io import load_weights, read_json, save_weights, write_json
 from .train import (
     _forward,
     build_model,
@@ -89,7 +88,8 @@ class Forecaster:
         if model not in MODEL_DEFAULTS:
             raise LTSFError(f"unknown model {model!r}; use one of {', '.join(MODEL_DEFAULTS)}")
         values = {**MODEL_DEFAULTS[model], **options, "model": model, "seq_len": seq_len,
-                  "pred_len": pred_len, "data": "custom", "features": "M", "checkpoints": ""}
+                  "pred_len": pred_len, "data": "custom", "data_path": "DataFrame", "features": "M",
+                  "checkpoints": ""}
         self._cycle_given = cycle
         self.config = RunConfig.from_dict({**values, "cycle": cycle or 24}).validate()
         self.model: torch.nn.Module | None = None
@@ -248,7 +248,9 @@ class Forecaster:
         path = Path(path)
         if not (path / _META).is_file() or not (path / _STATE).is_file():
             raise LTSFError(f"{path} is not a saved Forecaster (needs {_META} and {_STATE})")
-        meta = json.loads((path / _META).read_text())
+        meta = read_json(path / _META, "saved Forecaster metadata")
+        if not isinstance(meta, dict) or not {"config", "columns", "scaler"} <= set(meta):
+            raise LTSFError(f"{path / _META} lacks config/columns/scaler; save the Forecaster again")
         cfg = RunConfig.from_dict(meta["config"])
         fc = cls(cfg.model, cfg.seq_len, cfg.pred_len, cfg.cycle)
         fc.config = cfg

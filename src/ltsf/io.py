@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file in the same folder, then os.replace) for JSON, safetensors, torch."""
+"""Atomic file writes (temp file in the same folder, then os.replace) for text, JSON and safetensors."""
 
 from __future__ import annotations
 
@@ -44,11 +44,29 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    """`torch.save` atomically (used for the per-epoch resume state)."""
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors state dict onto the CPU."""
-    return load_file(str(path), device="cpu")
+    """Load a safetensors state dict onto the CPU; a missing or damaged file is an `LTSFError`."""
+    from .errors import LTSFError
+
+    if not Path(path).is_file():
+        raise LTSFError(f"weights file {path} not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise LTSFError(f"weights file {path} is damaged ({str(exc)[:120]}); rerun with --overwrite") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing, non-UTF-8 or truncated file is one clear `LTSFError`."""
+    from .errors import LTSFError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LTSFError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LTSFError(f"{what} {path} is not UTF-8 text; restore or delete it") from None
+    except json.JSONDecodeError as exc:
+        raise LTSFError(f"{what} {path} is not valid JSON (truncated? {exc.msg} at line "
+                        f"{exc.lineno}); restore, delete or rerun it") from None

@@ -26,35 +26,58 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto: its async wrapper calls iter() twice, an extra RNG draw
 
 from .config import RunConfig
-from .data import ForecastData, WindowDataset, collate_batch, load_benchmark
+from .data import (
+    ForecastData,
+    StandardScaler,
+    WindowDataset,
+    collate_batch,
+    load_benchmark,
+    resolve_data_file,
+)
 from .errors import LTSFError
-from .io import load_weights, save_torch, save_weights, write_json
-from .models import CycleNet, Linear, SegRNN
+from .io import load_weights, read_json, save_weights, write_json
+from .models import MLP, MODELS, RCF, CycleNet, DLinear, Linear, SegRNN
+from .state import (
+    SETTINGS,
+    check_run_folder,
+    clear_resume,
+    load_resume,
+    restore_rng,
+    save_resume,
+    settings_record,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
-RESUME = "resume.pt"
 
 
 def build_model(cfg: RunConfig, enc_in: int) -> nn.Module:
-    """Instantiate `cfg.model` for `enc_in` channels (float32, on the CPU)."""
+    """Instantiate `cfg.model` for `enc_in` channels (float32, on the CPU), wrapped in RCF if `--rcf 1`."""
     if cfg.enc_in is not None and cfg.enc_in != enc_in:
         raise LTSFError(f"--enc_in {cfg.enc_in} does not match the data, which has {enc_in} "
                         "channels; drop --enc_in or set it to the number of channels")
+    cfg.validate()
     if cfg.model == "CycleNet":
-        model: nn.Module = CycleNet(cfg.seq_len, cfg.pred_len, enc_in, cfg.cycle,
-                                    model_type=cfg.model_type, d_model=cfg.d_model,
-                                    use_revin=cfg.revin)
-    elif cfg.model == "SegRNN":
-        model = SegRNN(cfg.seq_len, cfg.pred_len, enc_in, seg_len=cfg.seg_len, d_model=cfg.d_model,
-                       dropout=cfg.effective_dropout, rnn_type=cfg.rnn_type, dec_way=cfg.dec_way,
-                       channel_id=bool(cfg.channel_id), revin=cfg.revin)
+        return CycleNet(cfg.seq_len, cfg.pred_len, enc_in, cfg.cycle, model_type=cfg.model_type,
+                        d_model=cfg.d_model, use_revin=cfg.revin).float()
+    revin = cfg.revin and not cfg.rcf  # with RCF the normalisation wraps the cycle removal
+    if cfg.model == "SegRNN":
+        model: nn.Module = SegRNN(cfg.seq_len, cfg.pred_len, enc_in, seg_len=cfg.seg_len,
+                                  d_model=cfg.d_model, dropout=cfg.effective_dropout,
+                                  rnn_type=cfg.rnn_type, dec_way=cfg.dec_way,
+                                  channel_id=bool(cfg.channel_id), revin=revin)
     elif cfg.model == "Linear":
-        model = Linear(cfg.seq_len, cfg.pred_len)
+        model = Linear(cfg.seq_len, cfg.pred_len, use_revin=revin)
+    elif cfg.model == "MLP":
+        model = MLP(cfg.seq_len, cfg.pred_len, d_model=cfg.d_model, use_revin=revin)
+    elif cfg.model == "DLinear":
+        model = DLinear(cfg.seq_len, cfg.pred_len, enc_in, individual=bool(cfg.individual))
     else:
-        raise LTSFError(f"unknown --model {cfg.model!r}; use CycleNet, SegRNN or Linear")
+        raise LTSFError(f"unknown --model {cfg.model!r}; use one of {', '.join(MODELS)}")
+    if cfg.rcf:
+        model = RCF(model, cfg.seq_len, cfg.pred_len, enc_in, cfg.cycle, use_revin=cfg.revin)
     return model.float()
 
 
@@ -91,7 +114,11 @@ def lr_after_epoch(epoch: int, lradj: str, base: float) -> float | None:
 
 
 class EarlyStopping:
-    """Stop after `patience` epochs without a strictly lower validation loss; keep the best state."""
+    """Stop after `patience` epochs without improvement; keep the best state.
+
+    An equal validation loss counts as an improvement, as the official `utils/tools.py`
+    (`score < best_score + delta` with `delta = 0` is the only non-improving case).
+    """
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -102,7 +129,7 @@ class EarlyStopping:
 
     def step(self, val_loss: float, model: nn.Module, epoch: int) -> bool:
         """Record `val_loss`; return True when this epoch improved on the best."""
-        if val_loss < self.best or self.best_state is None:
+        if val_loss <= self.best or self.best_state is None:
             self.best, self.best_epoch, self.counter = val_loss, epoch, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return True
@@ -170,40 +197,39 @@ def predict_windows(model: nn.Module, ds: WindowDataset, batch_size: int = 256,
     return np.concatenate(preds), np.concatenate(trues)
 
 
-def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """MSE and MAE over all windows, horizons and channels (float64 accumulation)."""
-    err = pred.astype(np.float64) - true.astype(np.float64)
-    return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
+def metrics(pred: np.ndarray, true: np.ndarray, scaler: StandardScaler | None = None) -> dict[str, float]:
+    """Forecast errors over all windows, horizons and channels (float64 accumulation).
 
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _load_resume(path: Path | None, cfg: RunConfig) -> dict[str, Any] | None:
-    """The resume state saved by an interrupted run of the same configuration, if any."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a damaged file only costs the epochs it held
-        log.warning("cannot read %s (%s); training starts from epoch 1", path, err)
-        return None
-    if not _same_config(state.get("config") or {}, cfg):
-        log.warning("%s belongs to another configuration; training starts from epoch 1", path)
-        return None
-    return state
+    On the scaled values (the benchmark convention): MSE, MAE, RMSE, RSE as the official
+    `utils/metrics.py`, and CORR as the mean over channels of the Pearson correlation between
+    forecast and truth over all windows and steps (the official CORR is not a correlation: its
+    denominator is `sqrt(sum(a^2 b^2))` instead of `sqrt(sum(a^2) sum(b^2))`, scaled by 0.01).
+    With `scaler`, MAPE and MSPE on the original units (on scaled values, near 0 by
+    construction, they explode), over the entries whose truth is not 0 (the official ones divide
+    by 0 there), plus MSE/MAE in the original units.
+    """
+    p, t = pred.astype(np.float64), true.astype(np.float64)
+    err = p - t
+    mse = float(np.mean(err ** 2))
+    out = {"mse": mse, "mae": float(np.mean(np.abs(err))), "rmse": math.sqrt(mse),
+           "rse": float(np.sqrt(np.sum(err ** 2)) / np.sqrt(np.sum((t - t.mean()) ** 2)))}
+    pc = p.reshape(-1, p.shape[-1]) - p.reshape(-1, p.shape[-1]).mean(0)
+    tc = t.reshape(-1, t.shape[-1]) - t.reshape(-1, t.shape[-1]).mean(0)
+    denom = np.sqrt((pc ** 2).sum(0) * (tc ** 2).sum(0))
+    corr = np.where(denom > 0, (pc * tc).sum(0) / np.where(denom > 0, denom, 1.0), np.nan)
+    out["corr"] = float(np.nanmean(corr)) if np.isfinite(corr).any() else math.nan
+    if scaler is not None:
+        mean, scale = scaler.mean, scaler.scale
+        if p.shape[-1] != len(mean):  # MS: only the target (last) channel is forecast
+            mean, scale = mean[-1:], scale[-1:]
+        po, to = p * scale + mean, t * scale + mean
+        nz = to != 0
+        rel = (po[nz] - to[nz]) / to[nz]
+        out.update(mse_orig=float(np.mean((po - to) ** 2)), mae_orig=float(np.mean(np.abs(po - to))),
+                   mape=float(np.mean(np.abs(rel))) if rel.size else math.nan,
+                   mspe=float(np.mean(rel ** 2)) if rel.size else math.nan,
+                   mape_excluded=int((~nz).sum()))
+    return out
 
 
 def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
@@ -211,12 +237,12 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
                 resume: Path | None = None) -> dict[str, Any]:
     """Train `model` in place on `data.train` with early stopping on `data.val`; load the best state.
 
-    With `resume`, the full training state (weights, optimizer, schedule, early stopping, RNG) is
-    saved there after every epoch and an interrupted run of the same configuration continues
+    With `resume` (a run folder), the full training state (weights, optimizer, schedule, early
+    stopping, RNG) is saved there after every epoch as safetensors + JSON (no pickle) and an interrupted run of the same configuration continues
     from it, giving the same result as an uninterrupted run.
     Returns the per-epoch history, the epochs run, the best epoch and timings.
     """
-    criterion = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
+    criterion = nn.MSELoss() if cfg.effective_loss == "mse" else nn.L1Loss()
     device = resolve_device(cfg.device)
     model.to(device)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, drop_last=True)
@@ -236,7 +262,7 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
     history: list[dict[str, float]] = []
     train_time = 0.0
     start = 1
-    saved = _load_resume(resume, cfg)
+    saved = load_resume(resume, cfg) if resume is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         optim.load_state_dict(saved["optim"])
@@ -244,7 +270,7 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
             scheduler.load_state_dict(saved["scheduler"])
         stopper.__dict__.update(saved["stopper"])
         history, train_time, start = saved["history"], saved["train_time"], saved["epoch"] + 1
-        _set_rng_state(saved["rng"])
+        restore_rng(saved)
         log.info("%s resumed after epoch %d", cfg.setting, saved["epoch"])
     bar = tqdm(range(start, cfg.train_epochs + 1), desc=cfg.setting, disable=not progress,
                unit="epoch", dynamic_ncols=True, initial=start - 1, total=cfg.train_epochs)
@@ -288,12 +314,9 @@ def train_model(model: nn.Module, data: ForecastData, cfg: RunConfig,
             if new_lr is not None:
                 _set_lr(optim, new_lr)
         if resume is not None:
-            save_torch(resume, {
-                "config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
-                "optim": optim.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "stopper": dict(stopper.__dict__), "history": history, "train_time": train_time,
-                "rng": _rng_state()})
+            save_resume(resume, cfg=cfg, epoch=epoch, model=model, optim=optim,
+                        scheduler=scheduler, stopper=stopper, history=history,
+                        train_time=train_time)
     bar.close()
     model.load_state_dict(stopper.best_state)
     return {"history": history, "epochs_run": len(history), "best_epoch": stopper.best_epoch,
@@ -314,21 +337,26 @@ def run_dir(cfg: RunConfig) -> Path:
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run one benchmark experiment end to end and write `results.json` + the best checkpoint.
 
-    A finished run with the same configuration is not repeated (its results are returned with
-    `cached: true`) unless `overwrite`; an interrupted one continues from its last finished epoch.
+    The folder records the settings and the data's hash (`settings.json`). A finished run with
+    the same settings and data is not repeated (its results are returned with `cached: true`);
+    an interrupted one continues from its last finished epoch; a folder holding other settings
+    or data is an error naming them, unless `overwrite` (then it trains again from scratch).
     """
     cfg.validate()
     out_dir = run_dir(cfg)
     results_path = out_dir / RESULTS
-    if results_path.is_file() and not overwrite:
-        try:
-            previous = json.loads(results_path.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        if previous and _same_config(previous.get("config") or {}, cfg):
+    data_file = resolve_data_file(cfg.data, cfg.data_path, cfg.root_path)
+    record = settings_record(cfg, data_file)
+    previous = _read_results(results_path) if results_path.is_file() else None
+    if overwrite:
+        clear_resume(out_dir)
+        for name in (RESULTS, CHECKPOINT):
+            (out_dir / name).unlink(missing_ok=True)
+    else:
+        check_run_folder(out_dir, record, cfg, (previous or {}).get("config"))
+        if previous is not None:
             previous["cached"] = True
             return previous
-        log.warning("%s holds a run with another configuration; it is replaced", out_dir)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     t_start = time.perf_counter()
@@ -337,19 +365,17 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
     seed_everything(cfg.random_seed)
     model = build_model(cfg, data.n_channels)
     n_params = count_parameters(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        (out_dir / RESUME).unlink(missing_ok=True)
+    write_json(out_dir / SETTINGS, record)
     fit = train_model(model, data, cfg, checkpoint=out_dir / CHECKPOINT, progress=progress,
-                      resume=out_dir / RESUME)
+                      resume=out_dir)
     pred, true = predict_windows(model, data.test, cfg.batch_size, data.target_only)
-    scores = metrics(pred, true)
+    scores = metrics(pred, true, data.scaler)
     result = {
         "setting": cfg.setting, "model": cfg.model, "data": cfg.data,
         "data_file": Path(str(data.info["path"])).name,
         "model_type": cfg.model_type if cfg.model == "CycleNet" else None,
         "seq_len": cfg.seq_len, "pred_len": cfg.pred_len, "random_seed": cfg.random_seed,
-        "mse": scores["mse"], "mae": scores["mae"], "params": n_params,
+        **scores, "params": n_params,
         "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
         "best_val_loss": fit["best_val_loss"], "train_time_s": fit["train_time_s"],
         "time_per_epoch_s": fit["time_per_epoch_s"],
@@ -358,17 +384,22 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict[
         "windows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": CHECKPOINT, "config": cfg.to_dict(), "history": fit["history"],
+        "checkpoint": CHECKPOINT, "settings_hash": record["hash"], "config": cfg.to_dict(),
+        "scaler": data.scaler.to_dict(), "history": fit["history"],
     }
     write_json(results_path, result)
-    (out_dir / RESUME).unlink(missing_ok=True)
+    clear_resume(out_dir)
     return result
 
 
-def _same_config(stored: dict[str, Any], cfg: RunConfig) -> bool:
-    """Whether a stored config equals `cfg` (fields added since then must hold their defaults)."""
-    current, default = cfg.to_dict(), RunConfig().to_dict()
-    return all(stored[k] == v if k in stored else v == default[k] for k, v in current.items())
+def _read_results(path: Path) -> dict[str, Any] | None:
+    """A run's `results.json`, or None when it is damaged (the run is then redone)."""
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is damaged; the run is redone", path)
+        return None
+    return out if isinstance(out, dict) and "mse" in out else None
 
 
 def load_run_model(run_path: str | Path) -> tuple[nn.Module, RunConfig]:
@@ -377,7 +408,9 @@ def load_run_model(run_path: str | Path) -> tuple[nn.Module, RunConfig]:
     results = run_path / RESULTS
     if not results.is_file():
         raise LTSFError(f"{run_path} holds no {RESULTS}; pass a folder written by `ltsf train`")
-    info = json.loads(results.read_text())
+    info = read_json(results, "run results")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise LTSFError(f"{results} has no 'config'; it is not an `ltsf train` results.json")
     cfg = RunConfig.from_dict(info["config"])
     state = load_weights(run_path / CHECKPOINT)
     enc_in = cfg.enc_in or info.get("channels") or _channels_from_state(state)

@@ -1,9 +1,12 @@
-"""Forecasting models: CycleNet, SegRNN and the Linear baseline, all `(B, seq_len, C) -> (B, pred_len, C)`."""
+"""Forecasting models, all `(B, seq_len, C) -> (B, pred_len, C)`: CycleNet, SegRNN, DLinear,
+Linear, MLP, and the RCF plug-in that wraps any of them."""
 
 from .cyclenet import CycleNet, RecurrentCycle
-from .linear import Linear
+from .dlinear import DLinear
+from .linear import MLP, Linear
+from .rcf import RCF
 from .segrnn import SegRNN
 
-MODELS = ("CycleNet", "SegRNN", "Linear")
+MODELS = ("CycleNet", "SegRNN", "Linear", "MLP", "DLinear")
 
-__all__ = ["MODELS", "CycleNet", "Linear", "RecurrentCycle", "SegRNN"]
+__all__ = ["MLP", "MODELS", "RCF", "CycleNet", "DLinear", "Linear", "RecurrentCycle", "SegRNN"]

@@ -5,6 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import LTSFError
+
+
+def instance_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CycleNet's instance norm over time: window mean, unbiased variance + 1e-5, not detached.
+
+    Returns the normalised `x` and the mean and std `(B, 1, C)` that undo it.
+    """
+    mean = x.mean(dim=1, keepdim=True)
+    std = torch.sqrt(x.var(dim=1, keepdim=True) + 1e-5)
+    return (x - mean) / std, mean, std
+
 
 class RecurrentCycle(nn.Module):
     """Learnable cycles `Q` of shape `(W, C)`, zero-initialised, read cyclically from a phase.
@@ -42,7 +54,7 @@ class CycleNet(nn.Module):
                  model_type: str = "mlp", d_model: int = 512, use_revin: bool = True) -> None:
         super().__init__()
         if model_type not in ("linear", "mlp"):
-            raise ValueError(f"model_type must be 'linear' or 'mlp', got {model_type!r}")
+            raise LTSFError(f"model_type must be 'linear' or 'mlp', got {model_type!r}")
         self.seq_len = seq_len
         self.pred_len = pred_len
         self.enc_in = enc_in
@@ -58,9 +70,7 @@ class CycleNet(nn.Module):
 
     def forward(self, x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         if self.use_revin:
-            mean = x.mean(dim=1, keepdim=True)
-            std = torch.sqrt(x.var(dim=1, keepdim=True) + 1e-5)
-            x = (x - mean) / std
+            x, mean, std = instance_norm(x)
         x = x - self.cycleQueue(phase, self.seq_len)
         y = self.model(x.transpose(1, 2)).transpose(1, 2)
         y = y + self.cycleQueue((phase + self.seq_len) % self.cycle_len, self.pred_len)

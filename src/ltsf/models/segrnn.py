@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LTSFError
+
 RNN_TYPES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
@@ -49,13 +51,13 @@ class SegRNN(nn.Module):
                  factorized_pmf: bool = True) -> None:
         super().__init__()
         if rnn_type not in RNN_TYPES:
-            raise ValueError(f"rnn_type must be one of {sorted(RNN_TYPES)}, got {rnn_type!r}")
+            raise LTSFError(f"rnn_type must be one of {sorted(RNN_TYPES)}, got {rnn_type!r}")
         if dec_way not in ("pmf", "rmf"):
-            raise ValueError(f"dec_way must be 'pmf' or 'rmf', got {dec_way!r}")
+            raise LTSFError(f"dec_way must be 'pmf' or 'rmf', got {dec_way!r}")
         if seq_len % seg_len or pred_len % seg_len:
-            raise ValueError(f"seg_len {seg_len} must divide seq_len {seq_len} and pred_len {pred_len}")
+            raise LTSFError(f"seg_len {seg_len} must divide seq_len {seq_len} and pred_len {pred_len}")
         if channel_id and dec_way == "pmf" and d_model % 2:
-            raise ValueError(f"d_model must be even with channel_id, got {d_model}")
+            raise LTSFError(f"d_model must be even with channel_id, got {d_model}")
         self.seq_len = seq_len
         self.pred_len = pred_len
         self.enc_in = enc_in
