@@ -215,7 +215,10 @@ def judge_data(config: Any = None, root: str | os.PathLike | None = None) -> Jud
             log.warning("judge data: benign source %s skipped: %s", name, exc)
             continue
         n_b = config.benign_rows
-        b_train, b_val, b_out = _split3(rows, n_b, max(1, n_b // 6), max(2, n_b // 2), seed)
+        if n_b:
+            b_train, b_val, b_out = _split3(rows, n_b, max(1, n_b // 6), max(2, n_b // 2), seed)
+        else:  # not trained on: measured on 100 held-out rows
+            b_train, b_val, b_out = [], [], _shuffled(rows, seed)[:100]
         train += b_train
         validation += b_val
         dev[name], heldout[name] = _halves(b_out)

@@ -65,7 +65,7 @@ class JudgeConfig:
     max_length: int = 256  # all-MiniLM-L6-v2's own max_seq_length: the window
     long_answers: str = "chunks"  # "chunks": overlapping windows, max score; "truncate": first window
     chunk_stride: int = 64  # tokens shared by consecutive chunks
-    C: float = 1.0  # probe: inverse L2 strength of the logistic regression
+    C: float = 0.03  # probe: inverse L2 strength of the logistic regression (chosen by LOSO)
     calibrate: bool = True  # temperature fitted on the validation rows
     epochs: int = 6  # finetune only, as the fields below
     batch_size: int = 16
@@ -78,8 +78,8 @@ class JudgeConfig:
     seed: int = 42
     threshold: float = 0.5
     refusal_rows: int | None = 800  # refusal rows trained on (None: all but the held-out ones)
-    benign_rows: int = 200  # per benign task (gsm8k, sst2, agnews): compliant answers, safe
-    synthetic_rows: int = 300  # per recipe: partial compliance, restated refusals, truncated answers
+    benign_rows: int = 0  # per benign task (gsm8k, sst2, agnews) trained on; 0: held out only (LOSO choice)
+    synthetic_rows: int = 0  # per recipe (partial compliance, restated refusals, truncated); 0 (LOSO choice)
     truncate_words: int = 48  # where the "truncated" recipe cuts (about 64 tokens: the runs' length)
     alpaca_rows: int = 200  # AlpacaEval rows in the held-out alpaca source
     heldout_fraction: float = 0.2  # of the refusal and benign rows, never trained on
