@@ -19,23 +19,27 @@ def register(sub) -> None:
                        description="The QA-moderation judge behind the harmful score.")
     judge_sub = p.add_subparsers(dest="judge_command", required=True, metavar="ACTION")
 
-    t = judge_sub.add_parser("train", help="train the judge on BeaverTails (+ refusals, harmful_qa)",
-                             description="Fine-tune the bundled MiniLM encoder as a QA-moderation "
-                                         "classifier and save it to the cache.")
+    t = judge_sub.add_parser("train", help="train the judge (BeaverTails, refusals, benign answers, synthetic rows)",
+                             description="Train the QA-moderation judge on the bundled MiniLM encoder, "
+                                         "calibrate it, measure it per held-out source and save it "
+                                         "(default: the cache).")
     add_data_root(t)
     t.add_argument("--out", default=None, help="judge folder (default: <cache>/judge/default)")
     t.add_argument("--encoder", default=None, help="bundled alias, local encoder folder or hub id")
-    t.add_argument("--epochs", type=int, default=None, help="training epochs (best on validation kept)")
+    t.add_argument("--method", choices=("probe", "finetune"), default=None,
+                   help="probe: frozen encoder + logistic regression (default); finetune: top blocks trained")
+    t.add_argument("--epochs", type=int, default=None, help="finetune: epochs (best on validation kept)")
     t.add_argument("--seed", type=int, default=None, help="random seed")
     t.add_argument("--refusal-rows", type=int, default=None, help="refusal rows to train on")
     t.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
     t.add_argument("--json", action="store_true", help="print the validation/test report as JSON")
     t.set_defaults(func=run_train)
 
-    e = judge_sub.add_parser("evaluate", help="judge metrics on the BeaverTails test split",
+    e = judge_sub.add_parser("evaluate", help="judge metrics on the BeaverTails test split and per source",
                              description="Accuracy, precision, recall, F1 on the BeaverTails test "
-                                         "split, the held-out refusals/harmful_qa report and a "
-                                         "TF-IDF baseline; trains the judge first if none is cached.")
+                                         "split, sensitivity / specificity per held-out source, the "
+                                         "saved leave-one-source-out table and a TF-IDF baseline; "
+                                         "trains the judge first if none is cached.")
     add_data_root(e)
     _add_judge_choice(e)
     e.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF + LR baseline")
@@ -78,21 +82,38 @@ def run_train(args: argparse.Namespace) -> int:
     """Train, save, and print validation and test metrics."""
     from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
 
-    overrides = {"encoder": args.encoder, "epochs": args.epochs, "seed": args.seed,
+    for flag in ("epochs", "refusal_rows", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "refusal_rows" else 1):
+            raise SinkguardError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    overrides = {"encoder": args.encoder, "method": args.method, "epochs": args.epochs, "seed": args.seed,
                  "refusal_rows": args.refusal_rows, "threads": args.threads}
     config = JudgeConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
     data = judge_data(config, args.data_root)
     judge = train_judge(config, args.data_root, data=data, path=args.out)
-    report = {"judge": judge.name, "train_seconds": judge.info["train_seconds"],
-              "best_epoch": judge.info["best_epoch"],
-              "validation": evaluate_judge(judge, data.validation), "test": evaluate_judge(judge, data.test)}
+    report = {"judge": judge.name, "identity": judge.identity, "train_seconds": judge.info["train_seconds"],
+              "validation": evaluate_judge(judge, data.validation), "test": evaluate_judge(judge, data.test),
+              "source_metrics": judge.source_metrics,
+              "leave_one_source_out": judge.info.get("leave_one_source_out")}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"judge saved to {judge.name} ({report['train_seconds']:.0f} s, epoch {report['best_epoch']})")
+        print(f"judge {judge.identity} saved to {judge.name} ({report['train_seconds']:.0f} s)")
         for split in ("validation", "test"):
             print(f"{split:>10}: {_line(report[split])}")
+        _print_sources(report["leave_one_source_out"] or report["source_metrics"])
     return 0
+
+
+def _rate(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_sources(table: dict) -> None:
+    print("source            accuracy  sensitivity  specificity  n_harmful  n_safe  fold")
+    for name, m in table.items():
+        print(f"{name:<17} {_rate(m['accuracy']):>8}  {_rate(m['sensitivity']):>11}  "
+              f"{_rate(m['specificity']):>11}  {m['n_harmful']:>9}  {m['n_safe']:>6}  {m.get('fold', '')}")
 
 
 def _line(m: dict) -> str:
@@ -105,6 +126,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluate.judge import (
         JudgeConfig,
         evaluate_judge,
+        expected_calibration_error,
         heldout_report,
         judge_data,
         tfidf_baseline,
@@ -113,9 +135,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     judge = _judge(args)
     config = JudgeConfig.from_dict(getattr(judge, "info", {}).get("config", {}))
     data = judge_data(config, args.data_root)
-    result = {**evaluate_judge(judge, data.test, progress=not args.json), "split": "beavertails/test",
-              "judge": judge.name, "threshold": judge.threshold,
-              "heldout": heldout_report(judge, data)}
+    test_scores = judge.score([r["prompt"] for r in data.test], [r["response"] for r in data.test],
+                              progress=not args.json)
+    result = {**evaluate_judge(judge, data.test), "split": "beavertails/test",
+              "ece": expected_calibration_error([r["harmful"] for r in data.test], test_scores),
+              "judge": judge.name, "identity": judge.identity, "threshold": judge.threshold,
+              "heldout": heldout_report(judge, data),
+              "leave_one_source_out": getattr(judge, "info", {}).get("leave_one_source_out")}
     if not args.no_baseline:
         baseline = tfidf_baseline(data)
         result["baseline_tfidf_lr"] = baseline["test"]
@@ -123,13 +149,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"judge: {result['judge']} (threshold {result['threshold']})")
-    print(f"beavertails test: {_line(result)}")
+    print(f"judge: {result['judge']} (identity {result['identity']}, threshold {result['threshold']})")
+    print(f"beavertails test: {_line(result)}  ECE {result['ece']:.3f}")
     if "baseline_tfidf_lr" in result:
         print(f"TF-IDF + LR     : {_line(result['baseline_tfidf_lr'])}")
-    for name, rep in result["heldout"].items():
-        print(f"held-out {name} ({rep['label']}, n={rep['n']}): accuracy {rep['accuracy']:.3f}, "
-              f"flagged {rep['flagged_rate']:.3f}, keyword refusals {rep['keyword_refusal_rate']:.3f}")
+    print("held-out rows of every source (this judge):")
+    _print_sources(result["heldout"])
+    if result["leave_one_source_out"]:
+        print("leave one source out (saved at training):")
+        _print_sources(result["leave_one_source_out"])
     return 0
 
 
@@ -181,10 +209,11 @@ def run_score(args: argparse.Namespace) -> int:
         raise SinkguardError(f"--batch-size must be positive, got {args.batch_size}")
     rows = read_pairs(args.input)
     judge = _judge(args)
+    identity = getattr(judge, "identity", None)
     scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows],
                          batch_size=args.batch_size, progress=True)
     flagged = [judge.decide(s) for s in scores]
-    out = [{**row, "harmful": bool(f), "score": float(s), "refusal": is_refusal(row["response"])}
+    out = [{**row, "harmful": bool(f), "score": float(s), "refusal": is_refusal(row["response"]), "judge": identity}
            for row, f, s in zip(rows, flagged, scores)]
     write_jsonl(args.out, out)
     print(f"scored {len(out)} rows: {sum(flagged) / len(out):.1%} harmful, "

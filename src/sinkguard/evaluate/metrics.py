@@ -133,7 +133,7 @@ def _pct(flags: Sequence[bool]) -> float:
 
 
 def _default_refusal() -> Callable[[str], bool]:
-    from .judge import is_refusal
+    from .refusal import is_refusal
 
     return is_refusal
 
