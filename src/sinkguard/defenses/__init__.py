@@ -15,7 +15,8 @@ from ..errors import SinkguardError
 
 STAGES = ("alignment", "finetuning", "post_finetuning")
 BUILTIN = ("sinkguard.defenses.sft", "sinkguard.defenses.surgery", "sinkguard.defenses.vaccine",
-           "sinkguard.defenses.tvaccine")
+           "sinkguard.defenses.tvaccine", "sinkguard.defenses.booster", "sinkguard.defenses.repnoise",
+           "sinkguard.defenses.antibody")
 
 
 @dataclass(frozen=True)
