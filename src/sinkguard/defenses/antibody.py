@@ -182,6 +182,7 @@ class AntibodyAlignmentTrainer(HarmfulStepTrainer):
         # The passes' losses are divided by the accumulation steps: lambda_t from per-micro-batch gradients.
         lam, dot, sq = lambda_t([s * ga if s is not None else None for s in g_s],
                                 [g * ga if g is not None else None for g in g_a], a.a_t)
+        ga_norm = math.sqrt(float(flat_dot(g_a, g_a)))  # before .grad (= g_a) is updated in place
         with torch.no_grad():
             for p, s, r in zip(params, g_s, g_r):
                 extra = None
@@ -197,6 +198,8 @@ class AntibodyAlignmentTrainer(HarmfulStepTrainer):
         self.record("harmful_loss", loss_h * ga)
         self.record("harmful_loss_drop", (loss_h - loss_hp) * ga)
         self.record("refusal_loss", loss_r * ga)
+        self.record("alignment_grad_norm", ga_norm * ga)
+        self.record("refusal_grad_norm", math.sqrt(float(flat_dot(g_r, g_r))) * ga)
         self.record("harmful_grad_norm", norm * ga)
         return loss.detach()
 
