@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for label, d, o in methods:
                 rows.append(run_method(label, d, a.model, tokenizer, batch, a.steps, a.seed, o, workdir))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # partial results survive a crash
                 gc.collect()  # the previous method's model and trainer go before the next loads
     except SinkguardError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -50,7 +50,7 @@ def register(sub) -> None:
                        description="Fine-tuning stage: n rows of which round(p*n) are harmful QA pairs.")
     add_model(p)
     add_data_root(p)
-    p.add_argument("--defense", default="sft", help="sft or surgery (default %(default)s)")
+    p.add_argument("--defense", default="sft", help="a fine-tuning-stage defense: sft, surgery, antibody (default %(default)s)")
     p.add_argument("--task", default="sst2", choices=["sst2", "agnews", "gsm8k", "alpaca"])
     p.add_argument("--attack", default="beavertails", choices=["beavertails", "harmful_qa"])
     p.add_argument("--poison-ratio", type=float, default=0.1, help="share p of harmful rows")

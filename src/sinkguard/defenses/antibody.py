@@ -50,9 +50,11 @@ class AntibodyAlignmentConfig(HarmfulSetConfig):
     """Antibody's alignment hyper-parameters (no official values: see docs/methods/antibody.md)."""
 
     rho: float = field(default=0.1, metadata={"help": "size of the simulated harmful step (Booster's alpha)"})
-    a_t: float = field(default=0.0, metadata={
-        "help": "target of <g_s, update>: lambda_t = max(0, (a_t - <g_s, g_a>) / ||g_s||^2)"})
-    lambda_r: float = field(default=1.0, metadata={"help": "weight of the refusal gradient at the perturbed weights"})
+    a_t: float = field(default=0.01, metadata={
+        "help": "target of <g_s, update>: lambda_t = max(0, (a_t - <g_s, g_a>) / ||g_s||^2) (chosen here: "
+                "lambda_t = Booster's 5 on the median batch of the bundled model)"})
+    lambda_r: float = field(default=0.2, metadata={
+        "help": "weight of the refusal gradient at the perturbed weights (chosen here: ~||g_a|| / ||g_r||)"})
     refusal_text: str = field(default=REFUSAL_TEXT, metadata={"help": "the refusal the harmful prompts are taught"})
     harmful_batch_size: int = field(default=10, metadata={"help": "harmful examples per step (Booster's 10)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (Booster's 0.1)"})
@@ -77,7 +79,8 @@ class AntibodyAlignmentConfig(HarmfulSetConfig):
 class AntibodyFinetuningConfig(SFTConfig):
     """Antibody's fine-tuning hyper-parameters (no official values: see docs/methods/antibody.md)."""
 
-    tau: float = field(default=1.0, metadata={"help": "softmax temperature of the sample weights"})
+    tau: float = field(default=10.0, metadata={"help": "softmax temperature of the sample weights (chosen here: "
+                                                      "harmful weight share <= 0.01, most benign rows kept)"})
     refusal_text: str = field(default=REFUSAL_TEXT, metadata={"help": "the refusal whose likelihood each "
                                                                       "sample's answer is compared with"})
     length_normalize: bool = field(default=False, metadata={
