@@ -1,9 +1,11 @@
-"""Peak memory and step time of SFT, Vaccine and T-Vaccine alignment steps on the same batch.
+"""Peak memory and step time of every alignment defense's step on the same batch, as ratios to SFT.
 
 On the bundled model with the official alignment LoRA (r 8, alpha 4, dropout 0.1), one batch of
 refusal data (default 8 x 128 tokens), one process: every method gets a fresh model, one warm-up
 step (T-Vaccine scores and draws its layers there; Adam state is created), timed steps, then one
-step under a tensor-allocation tracker. Memory is torch's tensor allocations seen by a dispatch
+step under a tensor-allocation tracker. Booster, RepNoise and Antibody draw their harmful batch
+from fixed harmful rows of the same shape (batch x seq-len tokens, from the defense harmful set);
+Antibody's refusal rows are those prompts with its refusal text (shorter). Memory is torch's tensor allocations seen by a dispatch
 mode (every new storage made by an operator, freed when the storage dies), reported as the peak
 increase over what was live before the step (weights, optimizer state); CPU runs only (no CUDA
 counters needed). Usage: `python benchmarks/alignment_memory.py [--json] [--ablations]`.
@@ -25,11 +27,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sinkguard.data import PadCollator, alignment_dataset, encode_example
-from sinkguard.defenses import get_defense
+from sinkguard.data import PadCollator, alignment_dataset, defense_harmful_set, encode_example
+from sinkguard.defenses import available, get_defense
 from sinkguard.errors import SinkguardError
 from sinkguard.models import load_model, load_tokenizer
-from sinkguard.train import DEFAULT_SYSTEM_PROMPT, lora_config, make_config
+from sinkguard.data.formatting import DEFAULT_SYSTEM_PROMPT
+from sinkguard.train import lora_config, make_config
 
 MB = 1024 * 1024
 
@@ -65,16 +68,35 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
 
-def fixed_batch(tokenizer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """`batch_size` refusal examples at least `seq_len` tokens long, cut to exactly `seq_len`."""
+ORDER = ("sft", "vaccine", "tvaccine", "booster", "repnoise", "antibody")
+
+
+def fixed_rows(tokenizer, rows: list[dict], batch_size: int, seq_len: int, what: str) -> list[dict]:
+    """`batch_size` examples of `rows` at least `seq_len` tokens long, cut to exactly `seq_len`."""
     chosen = []
-    for row in alignment_dataset(2000):
+    for row in rows:
         ex = encode_example(tokenizer, row["prompt"], row["response"], DEFAULT_SYSTEM_PROMPT, seq_len)
         if len(ex["input_ids"]) == seq_len and any(label != -100 for label in ex["labels"]):
-            chosen.append(ex)
+            chosen.append({**ex, "prompt": row["prompt"]})
             if len(chosen) == batch_size:
-                return PadCollator(tokenizer.pad_token_id)(chosen)
-    raise SinkguardError(f"only {len(chosen)} refusal examples reach {seq_len} tokens; lower --seq-len")
+                return chosen
+    raise SinkguardError(f"only {len(chosen)} {what} examples reach {seq_len} tokens; lower --seq-len")
+
+
+def fixed_batch(tokenizer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """`batch_size` refusal examples at least `seq_len` tokens long, cut to exactly `seq_len`."""
+    rows = fixed_rows(tokenizer, alignment_dataset(2000), batch_size, seq_len, "refusal")
+    return PadCollator(tokenizer.pad_token_id)([{k: r[k] for k in ("input_ids", "labels")} for r in rows])
+
+
+def fixed_harmful(tokenizer, args, batch_size: int, seq_len: int) -> dict:
+    """Harmful-set inputs of the benchmark's shape for the defenses that take a harmful set."""
+    rows = fixed_rows(tokenizer, defense_harmful_set(None), batch_size, seq_len, "harmful")
+    out = {"harmful_set": [{k: r[k] for k in ("input_ids", "labels")} for r in rows]}
+    if hasattr(args, "refusal_text"):
+        out["refusal_set"] = [encode_example(tokenizer, r["prompt"], args.refusal_text, DEFAULT_SYSTEM_PROMPT,
+                                             seq_len) for r in rows]
+    return out
 
 
 def state_bytes(model: torch.nn.Module, optimizer) -> int:
@@ -103,6 +125,8 @@ def run_method(label: str, defense: str, model_name: str, tokenizer, batch, step
                        warmup_steps=0, save_strategy="no", logging_steps=1, disable_tqdm=True,
                        seed=seed, **overrides)
     extra = spec.trainer_cls.defense_inputs(args, tokenizer, None)
+    if "harmful_set" in extra and defense != "tvaccine":
+        extra = fixed_harmful(tokenizer, args, len(batch["input_ids"]), batch["input_ids"].size(1))
     trainer = spec.trainer_cls(model=model, args=args, train_dataset=[{"input_ids": [0]}],
                                data_collator=PadCollator(tokenizer.pad_token_id),
                                processing_class=tokenizer, **extra)
@@ -148,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--seed", type=int, default=43)
     p.add_argument("--ablations", action="store_true",
-                   help="also T-Vaccine without checkpointing and with exact (non-reentrant) checkpointing")
+                   help="also T-Vaccine without checkpointing and with exact (non-reentrant) checkpointing, "
+                        "and RepNoise with every layer's logits kept (the official memory)")
+    p.add_argument("--methods", default=",".join(ORDER),
+                   help="comma-separated alignment defenses (sft is always measured: the baseline)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -156,46 +183,60 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = load_tokenizer(a.model)
         batch = fixed_batch(tokenizer, a.batch_size, a.seq_len)
-        methods = [("sft", "sft", {}), ("vaccine", "vaccine", {}), ("tvaccine", "tvaccine", {})]
+        names = ["sft"] + [m for m in a.methods.split(",") if m and m != "sft"]
+        unknown = sorted(set(names) - set(available("alignment")))
+        if unknown:
+            raise SinkguardError(f"unknown alignment defense(s) {', '.join(unknown)}; "
+                                 f"available: {', '.join(available('alignment'))}")
+        methods = [(m, m, {"harmful_batch_size": a.batch_size} if m in ("booster", "antibody") else {})
+                   for m in names]
         if a.ablations:
-            methods += [("tvaccine-no-ckpt", "tvaccine", {"checkpoint_unselected": False}),
-                        ("tvaccine-exact-ckpt", "tvaccine", {"checkpoint_reentrant": False})]
+            if "tvaccine" in names:
+                methods += [("tvaccine-no-ckpt", "tvaccine", {"checkpoint_unselected": False}),
+                            ("tvaccine-exact-ckpt", "tvaccine", {"checkpoint_reentrant": False})]
+            if "repnoise" in names:
+                methods += [("repnoise-no-ckpt", "repnoise", {"lens_checkpoint": False})]
         with tempfile.TemporaryDirectory() as workdir:
             rows = []
             for label, d, o in methods:
                 rows.append(run_method(label, d, a.model, tokenizer, batch, a.steps, a.seed, o, workdir))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # partial results survive a crash
                 gc.collect()  # the previous method's model and trainer go before the next loads
     except SinkguardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ref = {r["method"]: r for r in rows}
+    vac = ref.get("vaccine")
     for r in rows:
-        r["peak_vs_vaccine"] = round(r["peak_step_mb"] / ref["vaccine"]["peak_step_mb"], 3)
         r["peak_vs_sft"] = round(r["peak_step_mb"] / ref["sft"]["peak_step_mb"], 3)
-        r["cpu_time_vs_vaccine"] = round(r["step_cpu_s"] / ref["vaccine"]["step_cpu_s"], 3)
         r["cpu_time_vs_sft"] = round(r["step_cpu_s"] / ref["sft"]["step_cpu_s"], 3)
+        if vac is not None:
+            r["peak_vs_vaccine"] = round(r["peak_step_mb"] / vac["peak_step_mb"], 3)
+            r["cpu_time_vs_vaccine"] = round(r["step_cpu_s"] / vac["step_cpu_s"], 3)
     result = {"model": a.model, "batch": [a.batch_size, a.seq_len], "threads": a.threads,
               "memory": "peak increase of live torch tensor storages during one step (dispatch-mode tracker)",
-              "torch": torch.__version__, "rows": rows,
-              "target_tvaccine_peak_vs_vaccine": 0.8,
-              "tvaccine_peak_vs_vaccine": ref["tvaccine"]["peak_vs_vaccine"]}
+              "torch": torch.__version__, "rows": rows}
+    if vac is not None and "tvaccine" in ref:
+        result.update(target_tvaccine_peak_vs_vaccine=0.8, tvaccine_peak_vs_vaccine=ref["tvaccine"]["peak_vs_vaccine"])
     if a.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{a.model}, LoRA r=8 alpha=4, batch {a.batch_size} x {a.seq_len} tokens, {a.threads} thread(s); "
           "memory = peak extra tensor bytes during one step; time ratios from process CPU time")
-    print(f"{'method':20s} {'peak MB':>8s} {'xVaccine':>8s} {'xSFT':>6s} {'wall s':>7s} {'CPU s':>7s} "
-          f"{'xVaccine':>8s} {'xSFT':>6s} {'1st CPU s':>9s}")
+    print(f"{'method':20s} {'peak MB':>8s} {'xSFT':>6s} {'xVaccine':>8s} {'wall s':>7s} {'CPU s':>7s} "
+          f"{'xSFT':>6s} {'xVaccine':>8s} {'1st CPU s':>9s}")
     for r in rows:
-        print(f"{r['method']:20s} {r['peak_step_mb']:8.1f} {r['peak_vs_vaccine']:8.3f} {r['peak_vs_sft']:6.3f} "
-              f"{r['step_s']:7.2f} {r['step_cpu_s']:7.2f} {r['cpu_time_vs_vaccine']:8.3f} "
-              f"{r['cpu_time_vs_sft']:6.3f} {r['first_step_cpu_s']:9.2f}")
+        pv, tv = r.get("peak_vs_vaccine", float("nan")), r.get("cpu_time_vs_vaccine", float("nan"))
+        print(f"{r['method']:20s} {r['peak_step_mb']:8.1f} {r['peak_vs_sft']:6.3f} {pv:8.3f} "
+              f"{r['step_s']:7.2f} {r['step_cpu_s']:7.2f} {r['cpu_time_vs_sft']:6.3f} {tv:8.3f} "
+              f"{r['first_step_cpu_s']:9.2f}")
     for r in rows:
         if "active_layers" in r:
             print(f"{r['method']}: active layers {r['active_layers']}; {len(r['checkpointed_layers'])} of "
                   f"{r['n_layers']} layers checkpointed {r['checkpointed_layers']}")
-    ratio = ref["tvaccine"]["peak_vs_vaccine"]
-    print(f"T-Vaccine peak / Vaccine peak = {ratio:.3f} (target <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})")
+    if "tvaccine_peak_vs_vaccine" in result:
+        ratio = result["tvaccine_peak_vs_vaccine"]
+        print(f"T-Vaccine peak / Vaccine peak = {ratio:.3f} (target <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})")
     return 0
 
 

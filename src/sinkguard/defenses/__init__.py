@@ -16,7 +16,8 @@ from ..errors import SinkguardError
 STAGES = ("alignment", "finetuning", "post_finetuning")
 BUILTIN = ("sinkguard.defenses.sft", "sinkguard.defenses.surgery", "sinkguard.defenses.vaccine",
            "sinkguard.defenses.tvaccine", "sinkguard.defenses.lisa", "sinkguard.defenses.panacea",
-           "sinkguard.defenses.antidote")
+           "sinkguard.defenses.antidote", "sinkguard.defenses.booster", "sinkguard.defenses.repnoise",
+           "sinkguard.defenses.antibody")
 
 
 @dataclass(frozen=True)
