@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from sinkguard.data import PadCollator, alignment_dataset, defense_harmful_set, encode_example
+from sinkguard.data.formatting import DEFAULT_SYSTEM_PROMPT
 from sinkguard.defenses import available, get_defense
 from sinkguard.errors import SinkguardError
 from sinkguard.models import load_model, load_tokenizer
-from sinkguard.data.formatting import DEFAULT_SYSTEM_PROMPT
 from sinkguard.train import lora_config, make_config
 
 MB = 1024 * 1024

@@ -32,6 +32,7 @@ from sinkguard.data import (
     encode_example,
     load_source,
 )
+from sinkguard.data.formatting import DEFAULT_SYSTEM_PROMPT
 from sinkguard.defenses.antibody import (
     REFUSAL_TEXT,
     refusal_answer_ids,
@@ -40,7 +41,6 @@ from sinkguard.defenses.antibody import (
 )
 from sinkguard.errors import SinkguardError
 from sinkguard.models import load_model, load_tokenizer
-from sinkguard.data.formatting import DEFAULT_SYSTEM_PROMPT
 
 CANDIDATES = (REFUSAL_TEXT, "I'm sorry, but as an AI language model, I cannot help with that.",
               "I cannot help with that.")

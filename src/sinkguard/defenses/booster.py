@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import SinkguardError
 from ..data.formatting import DEFAULT_SYSTEM_PROMPT
+from ..errors import SinkguardError
 from . import Defense, register
 from .harmful import HarmfulBatches, harmful_rows
 from .sft import SFTConfig
