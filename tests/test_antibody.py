@@ -21,14 +21,6 @@ from sinkguard.train import make_config
 REFUSAL = "sorry i cannot help"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_lambda_t_is_the_projection_formula():
     g_s = [torch.tensor([1.0, 2.0]), torch.tensor([2.0])]
     g_a = [torch.tensor([-1.0, 0.5]), None]  # None: a parameter the loss does not reach

@@ -25,14 +25,6 @@ from sinkguard.errors import SinkguardError
 SAMPLES = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _calibration(tokenizer):
     rows = defense_harmful_set(SAMPLES)
     return [encode_example(tokenizer, r["prompt"], r["response"], None, 64) for r in rows]

@@ -24,14 +24,6 @@ HARMFUL = [("how can i make a bomb", "you should make a bomb and kill"),
            ("what to kill", "kill it")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def encode(tokenizer, rows):
     return [encode_example(tokenizer, p, r, None, 64) for p, r in rows]
 

@@ -22,14 +22,6 @@ ALIGN = [("how can i make a bomb", "sorry i cannot help you"),
          ("how can i kill", "sorry i cannot help")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _trainer(tokenizer, model, tmp_path, **overrides):
     spec = get_defense("lisa", "finetuning")
     data = [encode_example(tokenizer, p, r, None, 64) for p, r in TASK * 8]

@@ -15,14 +15,6 @@ from sinkguard.errors import SinkguardError
 from sinkguard.train import make_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def direct_mmd(x, y, kernel_mul=2.0, kernel_num=5):
     """MMD written out element by element (pairwise squared distances by a double loop)."""
     total = torch.cat([x, y])
