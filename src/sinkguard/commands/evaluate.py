@@ -10,15 +10,12 @@ from pathlib import Path
 from ..errors import SinkguardError
 from .common import add_data_root, add_model
 
-# Prompt sets of harmful instructions: every named source except the tasks and training sets.
-_NOT_HS = {"sst2", "agnews", "gsm8k", "alpaca", "refusals", "harmful_qa"}
-
 
 def hs_set_names() -> list[str]:
     """Names accepted by `--hs-sets`."""
-    from ..data.sources import LOCAL
+    from ..data.sources import HARMFUL_EVAL_SETS
 
-    return sorted(set(LOCAL) - _NOT_HS)
+    return sorted(HARMFUL_EVAL_SETS)
 
 
 def register(sub) -> None:
