@@ -32,9 +32,10 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
                        samples=1000, epochs=1, max_steps=-1, lr=5e-6, batch_size=10, grad_accum=1,
                        max_length=512, lora=None, system_prompt="You are a helpful assistant.",
                        options={}),
-    "evaluation": dict(hs_sets=["beavertails"], hs_limit=100, fa_limit=200, max_new_tokens=64,
-                       fa_max_new_tokens=None, batch_size=16, template="chat", analyze_samples=32,
-                       evaluate_base=True, evaluate_aligned=True),
+    "evaluation": dict(hs_sets=["beavertails", "harmbench", "strongreject"], hs_limit=100, benign_limit=200,
+                       fa_limit=200, max_new_tokens=64, fa_max_new_tokens=None, batch_size=16, template="chat",
+                       analyze_samples=32, evaluate_base=True, evaluate_aligned=True,
+                       correction_source="beavertails"),
 }
 
 
@@ -147,40 +148,28 @@ class Experiment:
         return str(path), h
 
     def evaluate(self, model_path: str, model_hash: str, task: str) -> dict:
-        """HS (+ refusal rate) on the configured prompt sets, FA on `task`, sink divergence."""
-        from .evaluate import finetune_accuracy, harmful_score
-        from .models import load_model, load_tokenizer
-        from .sink import analyze
+        """HS (+ refusal rate) on the configured prompt sets, over-refusal, FA on `task`, sink divergence.
+
+        Answers are cached per model and generation settings, verdicts per judge identity
+        (`sinkguard.evaluate.study`): a new judge re-scores without generating again.
+        """
+        from .evaluate.study import evaluate_model
 
         e = self.config.evaluation
-        h = stage_hash("evaluation", model_hash, task, e)
-        out = self.run_dir / "stages" / f"eval-{h}"
-        done = out / "eval.json"
-        if done.is_file():
-            return json.loads(done.read_text())
-        start = time.time()
-        tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path).eval()
+        generation = {k: v for k, v in e.items() if k != "correction_source"}  # verdict-only setting
+        out = self.run_dir / "stages" / f"eval-{stage_hash('evaluation', model_hash, task, generation)}"
         if self.judge is None:
             from .evaluate.judge import load_judge
 
             self.judge = load_judge(auto_train=True, root=self.config.data_root)
-        hs = harmful_score(model, tokenizer, e["hs_sets"], judge=self.judge, limit=e["hs_limit"],
-                           data_root=self.config.data_root, out_dir=out, max_new_tokens=e["max_new_tokens"],
-                           batch_size=e["batch_size"], template=e["template"])
-        fa = finetune_accuracy(model, tokenizer, task, limit=e["fa_limit"], data_root=self.config.data_root,
-                               out_dir=out, max_new_tokens=e["fa_max_new_tokens"], batch_size=e["batch_size"],
-                               template=e["template"])
-        del model
-        result = {"hs": hs, "fa": fa, "model": model_path}
-        if e["analyze_samples"]:
-            sink = analyze(model_path, out, samples=e["analyze_samples"], data_root=self.config.data_root)
-            result["positive_heads"] = sink["positive_heads"]
-            result["total_heads"] = sink["total_heads"]
-            result["divergence"] = sink["divergence"]
-        result["wall_s"] = round(time.time() - start, 1)
-        atomic_write_json(done, result)
-        return result
+        exclude = []
+        if task == "alpaca" and e["benign_limit"]:  # its train rows may be fine-tuned on
+            from .data import load_source
+
+            exclude = [r["prompt"] for r in load_source("alpaca", "train", self.config.data_root)]
+            log.warning("task alpaca: over-refusal measured on the %d held-out AlpacaEval prompts only",
+                        len(load_source("alpaca", "test", self.config.data_root)))
+        return evaluate_model(model_path, out, task, e, self.judge, self.config.data_root, exclude)
 
     # ------------------------------------------------------------------ flow
     def run(self) -> dict:
@@ -229,15 +218,10 @@ class Experiment:
 
     @staticmethod
     def _record(alignment: str, defense: str, task: str, p: float | None, seed: int, r: dict) -> dict:
-        rec = {"alignment": alignment, "defense": defense, "task": task, "poison_ratio": p, "seed": seed,
-               "fa": r["fa"].get("fa"), "fa_n": r["fa"].get("n")}
-        for name, s in r["hs"].items():
-            rec[f"hs_{name}"] = s["hs"]
-            rec[f"refusal_{name}"] = s["refusal_rate"]
-            rec[f"hs_{name}_n"] = s["n"]
-        if "positive_heads" in r:
-            rec["positive_heads"] = r["positive_heads"]
-        return rec
+        from .report import record_fields
+
+        rec = {"alignment": alignment, "defense": defense, "task": task, "poison_ratio": p, "seed": seed}
+        return rec | record_fields(r)
 
 
 def run_experiment(config: str | os.PathLike | ExperimentConfig, run_dir: str | os.PathLike | None = None,
