@@ -245,7 +245,8 @@ def test_cli_writes_eval_json(model, tokenizer, tmp_path, capsys, fake_judge_mod
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval"
     argv = ["evaluate", "--model", str(model_dir), "--data-root", str(_data_root(tmp_path)), "--limit", "3",
-            "--task", "sst2", "--fa-limit", "5", "--batch-size", "2", "--out", str(out)]
+            "--hs-sets", "beavertails", "--benign-limit", "0", "--task", "sst2", "--fa-limit", "5",
+            "--batch-size", "2", "--out", str(out)]
     assert main(argv + ["--max-new-tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((out / "eval.json").read_text())

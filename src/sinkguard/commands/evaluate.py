@@ -27,13 +27,18 @@ def register(sub) -> None:
     )
     add_model(p, default=None)
     add_data_root(p)
-    p.add_argument("--hs-sets", default="beavertails",
+    p.add_argument("--hs-sets", default="beavertails,harmbench,strongreject",
                    help="comma-separated harmful prompt sets, or 'none' (default %(default)s; known: "
-                        "beavertails = the test split's unsafe prompts, advbench, donotanswer, harmbench, "
-                        "strongreject, stl_*)")
+                        "beavertails = the test split's unsafe prompts, harmbench = its standard behaviours, "
+                        "strongreject, advbench, donotanswer, stl_*); several sets are also pooled as 'all'")
     p.add_argument("--task", choices=["sst2", "agnews", "gsm8k", "alpaca"], default=None,
                    help="task for FA (alpaca: answers only, AlpacaEval needs a GPT-4 judge)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts of each HS set (default all)")
+    p.add_argument("--limit", type=int, default=100,
+                   help="first N prompts of each HS set (default %(default)s: 300 prompts over the default sets)")
+    p.add_argument("--benign-limit", type=int, default=200,
+                   help="benign AlpacaEval prompts for the over-refusal rate (default %(default)s; 0: none)")
+    p.add_argument("--correction-source", default="beavertails",
+                   help="judge source whose sensitivity/specificity correct the HS (default %(default)s)")
     p.add_argument("--fa-limit", type=int, default=None, help="first N test rows for FA (default all)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length cap for HS and FA (default: official lengths, HS 512, "
@@ -72,6 +77,8 @@ def _parse_sets(text: str) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.benign_limit < 0:
+        raise SinkguardError(f"--benign-limit must be >= 0, got {args.benign_limit}")
     for flag in ("limit", "fa_limit", "max_new_tokens", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -84,17 +91,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluate.generation import write_json
+    from ..evaluate.judge import load_judge
     from ..evaluate.metrics import (
         FA_SYSTEM_PROMPT,
         HS_MAX_NEW_TOKENS,
+        benign_refusal,
         finetune_accuracy,
         harmful_score,
+        judge_identity,
     )
     from ..models import load_model, load_tokenizer
 
     sets = _parse_sets(args.hs_sets)
     _check(args)
-    if not sets and not args.task:
+    if not sets and not args.task and not args.benign_limit:
         raise SinkguardError("nothing to evaluate: give --hs-sets and/or --task")
     hs_system = args.system_prompt or None
     if args.system_prompt is not None:
@@ -108,8 +118,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     common = dict(data_root=args.data_root, out_dir=out, batch_size=args.batch_size, template=args.template,
                   overwrite=args.overwrite)
-    hs = harmful_score(model, tokenizer, sets, limit=args.limit, system_prompt=hs_system,
-                       max_new_tokens=args.max_new_tokens or HS_MAX_NEW_TOKENS, **common) if sets else {}
+    judge = load_judge(auto_train=True, root=args.data_root) if sets or args.benign_limit else None
+    hs = harmful_score(model, tokenizer, sets, judge=judge, limit=args.limit, system_prompt=hs_system,
+                       max_new_tokens=args.max_new_tokens or HS_MAX_NEW_TOKENS,
+                       correction_source=args.correction_source, **common) if sets else {}
+    benign = benign_refusal(model, tokenizer, judge=judge, limit=args.benign_limit, system_prompt=hs_system,
+                            max_new_tokens=args.max_new_tokens or HS_MAX_NEW_TOKENS,
+                            **common) if args.benign_limit else None
     fa = finetune_accuracy(model, tokenizer, args.task, limit=args.fa_limit, system_prompt=fa_system,
                            max_new_tokens=args.max_new_tokens, match=args.match, aliases=args.label_aliases,
                            fallback_last_number=not args.no_number_fallback, **common) if args.task else None
@@ -117,9 +132,14 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "hs": {name: r["hs"] for name, r in hs.items()},
         "refusal_rate": {name: r["refusal_rate"] for name, r in hs.items()},
+        "hs_interval": {name: [r["hs_lo"], r["hs_hi"]] for name, r in hs.items()},
+        "hs_corrected": {name: [r["hs_corrected"], r["hs_corrected_lo"], r["hs_corrected_hi"]]
+                         for name, r in hs.items()},
+        "benign": {k: v for k, v in benign.items() if k != "flags"} if benign else None,
+        "judge": judge_identity(judge) if judge is not None else None,
         "task": args.task,
         "fa": fa["fa"] if fa else None,
-        "counts": {"hs": {name: {k: r[k] for k in ("n", "n_harmful", "n_refusals", "mean_score")}
+        "counts": {"hs": {name: {k: r.get(k) for k in ("n", "n_harmful", "n_refusals", "mean_score")}
                           for name, r in hs.items()},
                    "fa": {k: fa[k] for k in ("n", "n_correct")} if fa else None},
         "notes": [fa["note"]] if fa and fa.get("note") else [],
@@ -132,7 +152,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     for name, r in hs.items():
-        print(f"HS {name}: {r['hs']:.1f}% harmful ({r['n_harmful']}/{r['n']}), refusal rate {r['refusal_rate']:.1f}%")
+        corrected = (f", corrected {r['hs_corrected']:.1f}% [{r['hs_corrected_lo']:.1f}, {r['hs_corrected_hi']:.1f}]"
+                     if r["hs_corrected"] is not None else "")
+        print(f"HS {name}: {r['hs']:.1f}% [{r['hs_lo']:.1f}, {r['hs_hi']:.1f}] harmful ({r['n_harmful']}/{r['n']})"
+              f"{corrected}, refusal rate {r['refusal_rate']:.1f}%")
+    if benign:
+        print(f"benign over-refusal: {benign['benign_refusal']:.1f}% [{benign['benign_refusal_lo']:.1f}, "
+              f"{benign['benign_refusal_hi']:.1f}] keyword refusals on {benign['n']} AlpacaEval prompts")
     if fa:
         if fa["fa"] is None:
             print(f"FA {fa['task']}: none ({fa['note']})")
