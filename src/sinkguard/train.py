@@ -104,11 +104,14 @@ def run_stage(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     data_root: str | os.PathLike | None = None,
     settings: dict | None = None,
+    keep_checkpoints: int = 0,
     **config_overrides,
 ) -> Path:
     """Train `model_name` on `rows` with `defense`; return the saved model directory `out/model`.
 
     Rerunning on the same `out_dir` resumes from the last checkpoint; a finished run is reused.
+    `keep_checkpoints=N` saves about N evenly spaced checkpoints and keeps their weights after
+    training (for `sinkguard analyze --run`); by default checkpoints are deleted once done.
     """
     out = Path(out_dir)
     final = out / "model"
@@ -124,6 +127,8 @@ def run_stage(
 
         model = get_peft_model(model, lora_config(**lora))
     train_dataset = tokenize_rows(rows, tokenizer, system_prompt, args.max_length)
+    if keep_checkpoints:
+        _space_checkpoints(args, len(train_dataset), keep_checkpoints)
     extra = spec.trainer_cls.defense_inputs(args, tokenizer, data_root)
     trainer = spec.trainer_cls(
         model=model, args=args, train_dataset=train_dataset,
@@ -150,5 +155,31 @@ def run_stage(
         "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
         "log_history": trainer.state.log_history,
     })
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
+    if keep_checkpoints:
+        _drop_resume_state(out / "checkpoints")
+    else:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
     return final
+
+
+# ---------------------------------------------------------------- kept checkpoints (analysis)
+def _space_checkpoints(args, n_examples: int, count: int) -> None:
+    """Save every total/count steps and keep them all."""
+    import math
+
+    if count < 1:
+        raise SinkguardError(f"keep_checkpoints must be >= 1, got {count}")
+    per_epoch = math.ceil(n_examples / (args.per_device_train_batch_size * args.gradient_accumulation_steps))
+    total = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+    args.save_strategy = "steps"
+    args.save_steps = max(1, total // count)
+    args.save_total_limit = None
+
+
+def _drop_resume_state(folder: Path) -> None:
+    """Keep each checkpoint's weights, drop what only a resume needs (optimizer, scheduler, RNG)."""
+    for ckpt in folder.glob("checkpoint-*"):
+        for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+            (ckpt / name).unlink(missing_ok=True)
+        for rng in ckpt.glob("rng_state*.pth"):
+            rng.unlink()

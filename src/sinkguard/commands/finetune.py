@@ -58,6 +58,8 @@ def register(sub) -> None:
     p.add_argument("--sink-impl", choices=["sdpa", "eager"], default=None,
                    help="Surgery sink statistic: fused SDPA (default) or the official eager path")
     p.add_argument("--system-prompt", default="You are a helpful assistant.")
+    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+                   help="save and keep about N evenly spaced checkpoints (for `sinkguard analyze --run`)")
     add_training_args(p, lr=5e-6, epochs=5, batch=10)
     p.set_defaults(func=run)
 
@@ -67,4 +69,6 @@ def run(args: argparse.Namespace) -> int:
 
     rows = poisoned_dataset(args.task, args.samples, args.poison_ratio, args.attack, args.seed, args.data_root)
     options = {name: getattr(args, name) for name in ("alpha", "sink_impl") if getattr(args, name) is not None}
+    if args.keep_checkpoints:
+        options["keep_checkpoints"] = args.keep_checkpoints
     return launch("finetuning", args, rows, **options)

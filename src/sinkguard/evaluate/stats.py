@@ -137,9 +137,9 @@ def spearman(
 
     if len(x) != len(y) or len(x) < 4:
         raise SinkguardError(f"Spearman's rho needs >= 4 paired values, got {len(x)} and {len(y)}")
-    rho = float(spearmanr(x, y).statistic)
-    if math.isnan(rho):
+    if len(set(x)) < 2 or len(set(y)) < 2:
         raise SinkguardError("Spearman's rho is undefined: one of the series is constant")
+    rho = float(spearmanr(x, y).statistic)
     z = float(norm.ppf(0.5 + level / 2))
     if groups is None:
         center = math.atanh(max(-0.999999, min(0.999999, rho)))
@@ -154,9 +154,8 @@ def spearman(
     stats = []
     for _ in range(draws):
         idx = [i for g in rng.choice(len(labels), len(labels)) for i in members[labels[g]]]
-        value = spearmanr(xs[idx], ys[idx]).statistic
-        if not math.isnan(value):
-            stats.append(value)
+        if len(set(xs[idx])) > 1 and len(set(ys[idx])) > 1:
+            stats.append(spearmanr(xs[idx], ys[idx]).statistic)
     tail = (1 - level) / 2
     lo, hi = np.quantile(stats, [tail, 1 - tail]) if stats else (math.nan, math.nan)
     return rho, float(lo), float(hi)
