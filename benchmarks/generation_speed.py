@@ -1,11 +1,15 @@
-"""Generations per second of the evaluation's greedy decoding: what batching and length sorting buy.
+"""Generations per second of the evaluation's greedy decoding: what batching, length sorting and
+dropping finished rows buy.
 
 All variants run in this one invocation, on the bundled model, at one thread, on the same prompts
 (half harmful BeaverTails test prompts, half benign AlpacaEval ones, so answer lengths vary as in
-a study), with the same decoding (greedy, KV cache, a batch stops when every row has ended):
-  one_by_one     batch size 1 (the baseline)
-  file_order     batches of --batch in the prompts' own order
-  length_sorted  batches of --batch, longest prompt first: what `sinkguard.evaluate.generate` does
+a study), all greedy with a KV cache:
+  one_by_one        batch size 1, transformers' generate (the baseline)
+  file_order        batches of --batch in the prompts' own order, transformers' generate
+  length_sorted     batches of --batch, longest prompt first, transformers' generate (rows stay
+                    in the batch until its longest answer ends): the previous evaluation
+  shrinking_sorted  the same batches; a row leaves the batch and KV cache when it ends: what
+                    `sinkguard.evaluate.generate` does now
 Rounds interleave the variants so machine load hits all alike; the best round of each counts.
 Usage: python benchmarks/generation_speed.py [--prompts 32] [--batch 16] [--max-new-tokens 64] [--json]
 """
@@ -18,7 +22,7 @@ import time
 
 import torch
 
-VARIANTS = ("one_by_one", "file_order", "length_sorted")
+VARIANTS = ("one_by_one", "file_order", "length_sorted", "shrinking_sorted")
 
 
 def prompts(n: int) -> list[str]:
@@ -35,14 +39,15 @@ def run(variant: str, model, ids: list[list[int]], batch: int, max_new_tokens: i
     from sinkguard.evaluate.generation import _generate_batch
 
     order = list(range(len(ids)))
-    if variant == "length_sorted":
+    if variant.endswith("_sorted"):
         order.sort(key=lambda i: (-len(ids[i]), i))
     size = 1 if variant == "one_by_one" else batch
+    decoder = "shrinking" if variant == "shrinking_sorted" else "hf"
     answers = {}
     start = time.perf_counter()
     for k in range(0, len(order), size):
         chunk = order[k:k + size]
-        for i, out in zip(chunk, _generate_batch(model, [ids[i] for i in chunk], max_new_tokens, pad, eos),
+        for i, out in zip(chunk, _generate_batch(model, [ids[i] for i in chunk], max_new_tokens, pad, eos, decoder),
                           strict=True):
             answers[i] = out
     return time.perf_counter() - start, answers
@@ -82,6 +87,8 @@ def main() -> None:
         "answers_equal_to_one_by_one": same,
         "speedup_length_sorted_vs_one_by_one": rate["length_sorted"] / rate["one_by_one"],
         "speedup_length_sorted_vs_file_order": rate["length_sorted"] / rate["file_order"],
+        "speedup_shrinking_vs_length_sorted": rate["shrinking_sorted"] / rate["length_sorted"],
+        "speedup_shrinking_vs_one_by_one": rate["shrinking_sorted"] / rate["one_by_one"],
     }
     if args.json:
         print(json.dumps(result))
@@ -90,7 +97,9 @@ def main() -> None:
         print(f"{v:14s} {best[v]:7.1f} s  {rate[v]:6.3f} generations/s  {new_tokens[v]} new tokens  "
               f"{100 * same[v]:.0f}% answers equal to one_by_one")
     print(f"length_sorted vs one_by_one: {result['speedup_length_sorted_vs_one_by_one']:.2f}x; "
-          f"vs file_order: {result['speedup_length_sorted_vs_file_order']:.2f}x")
+          f"vs file_order: {result['speedup_length_sorted_vs_file_order']:.2f}x; shrinking_sorted vs "
+          f"length_sorted: {result['speedup_shrinking_vs_length_sorted']:.2f}x, vs one_by_one: "
+          f"{result['speedup_shrinking_vs_one_by_one']:.2f}x")
 
 
 if __name__ == "__main__":

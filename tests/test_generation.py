@@ -264,3 +264,21 @@ def test_cli_writes_eval_json(model, tokenizer, tmp_path, capsys, fake_judge_mod
     assert err.startswith("sinkguard: error: --limit must be at least 1") and "\n" not in err
     assert main(["evaluate", "--model", str(model_dir), "--hs-sets", "beavertails,nope", "--out", str(out)]) == 2
     assert "unknown harmful prompt set(s) nope" in capsys.readouterr().err
+
+
+def test_shrinking_decoder_equals_transformers_generate():
+    """Rows leaving the batch (and its KV cache) as they end change no answer."""
+    from conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    for seed in range(3):
+        model = make_model(len(tok), seed=seed).eval()
+        g = torch.Generator().manual_seed(seed)
+        seqs = [torch.randint(4, len(tok), (int(n),), generator=g).tolist()
+                for n in torch.randint(2, 12, (6,), generator=g)]
+        for eos in ([2], [2, 5, 7, 9, 11]):  # more end tokens: rows end at different steps
+            ours = generation._generate_batch(model, seqs, 12, 3, eos, "shrinking")
+            assert ours == generation._generate_batch(model, seqs, 12, 3, eos, "hf")
+    assert any(0 < len(a) < 12 for a in ours)  # some rows did leave early
+    with pytest.raises(SinkguardError, match="unknown decoder"):
+        generation._generate_batch(model, seqs, 4, 3, [2], "beam")
