@@ -75,20 +75,25 @@ def _loadable(path: str, base: str, out: Path) -> str:
 
 def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split: str, hs_sets: list[str],
                        hs_limit: int | None, max_new_tokens: int, batch_size: int, data_root=None) -> dict:
-    """Positive heads, mean divergence and HS of one model; cached in `out/point.json` per judge."""
+    """Positive heads, mean divergence and HS of one model; cached in `out/point.json` per judge
+    and settings (answers are reused by `generate` whenever their rows still match)."""
     from .evaluate.metrics import harmful_score, judge_identity
     from .models import load_model, load_tokenizer
     from .sink import analyze
 
     identity = judge_identity(judge)
+    settings = {"samples": samples, "split": split, "hs_sets": list(hs_sets), "hs_limit": hs_limit,
+                "max_new_tokens": max_new_tokens}
     done = out / "point.json"
-    if done.is_file():
-        point = json.loads(done.read_text(encoding="utf-8"))
-        if point.get("judge") == identity:
-            return point
+    old = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
+    if old.get("judge") == identity and old.get("settings") == settings:
+        return old
+    same_texts = {k: old.get("settings", {}).get(k) for k in ("samples", "split")} == {"samples": samples, "split": split}
     sink_file = out / "sink_divergence.json"
-    sink = json.loads(sink_file.read_text()) if sink_file.is_file() else analyze(
-        model_path, out, samples=samples, split=split, batch_size=batch_size, data_root=data_root)
+    if same_texts and sink_file.is_file():  # only the judge or the HS settings changed
+        sink = json.loads(sink_file.read_text(encoding="utf-8"))
+    else:
+        sink = analyze(model_path, out, samples=samples, split=split, batch_size=batch_size, data_root=data_root)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path).eval()
     hs = harmful_score(model, tokenizer, hs_sets, judge=judge, limit=hs_limit, data_root=data_root, out_dir=out,
@@ -96,7 +101,7 @@ def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split
     pooled = hs["all"] if "all" in hs else hs[hs_sets[0]]
     point = {"model": model_path, "positive_heads": sink["positive_heads"], "total_heads": sink["total_heads"],
              "mean_divergence": sink["mean_divergence"], "hs": pooled["hs"], "hs_lo": pooled["hs_lo"],
-             "hs_hi": pooled["hs_hi"], "n": pooled["n"], "judge": identity}
+             "hs_hi": pooled["hs_hi"], "n": pooled["n"], "judge": identity, "settings": settings}
     atomic_write_json(done, point)
     return point
 
