@@ -87,8 +87,9 @@ def data_root(tmp_path):
     hft = tmp_path / "data" / "hft"
     bt = []
     for split, n, off in (("train", 16, 0), ("validation", 6, 1), ("test", 6, 2)):
-        bt += [{"prompt": r["prompt"], "response": r["response"], "is_safe": not r["harmful"], "split": split}
-               for r in _rows(n, off)]
+        # train prompts differ from test ones: a train split drops rows repeating an evaluation prompt
+        bt += [{"prompt": r["prompt"] + ("" if split == "test" else f" {split}{i}"), "response": r["response"],
+                "is_safe": not r["harmful"], "split": split} for i, r in enumerate(_rows(n, off))]
     refusals = [{"instruction": f"{PROMPTS[i % 3]} r{i}", "input": "", "output": SAFE[i % 4]} for i in range(12)]
     qa = [{"prompt": f"{PROMPTS[i % 3]} q{i}", "response": HARMFUL[i % 6], "label_note": "Harmful. Reason: x"}
           for i in range(10)]
