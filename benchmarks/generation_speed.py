@@ -7,9 +7,9 @@ a study), all greedy with a KV cache:
   one_by_one        batch size 1, transformers' generate (the baseline)
   file_order        batches of --batch in the prompts' own order, transformers' generate
   length_sorted     batches of --batch, longest prompt first, transformers' generate (rows stay
-                    in the batch until its longest answer ends): the previous evaluation
-  shrinking_sorted  the same batches; a row leaves the batch and KV cache when it ends: what
-                    `sinkguard.evaluate.generate` does now
+                    in the batch until its longest answer ends): `sinkguard.evaluate.generate`
+  shrinking_sorted  the same batches; a row leaves the batch and KV cache when it ends
+                    (`generate(decoder="shrinking")`)
 Rounds interleave the variants so machine load hits all alike; the best round of each counts.
 Usage: python benchmarks/generation_speed.py [--prompts 32] [--batch 16] [--max-new-tokens 64] [--json]
 """
