@@ -39,6 +39,12 @@ from sinkguard.train import make_config, stage_arguments
     ({"evaluation": {"hs_sets": ["beaver"]}}, "evaluation.hs_sets: unknown 'beaver'; valid: .*advbench"),
     ({"evaluation": {"template": "llama"}}, "evaluation.template: unknown 'llama'; valid: chat, alpaca"),
     ({"evaluation": {"max_new_tokens": 0}}, "evaluation.max_new_tokens must be >= 1, got 0"),
+    ({"evaluation": {"benign_limit": -1}}, "evaluation.benign_limit must be >= 0, got -1"),
+    ({"evaluation": {"benign_limit": "all"}}, "evaluation.benign_limit must be an integer, got 'all'"),
+    ({"evaluation": {"correction_source": "sst5"}},
+     "evaluation.correction_source: unknown 'sst5'; valid: beavertails, refusals, .*alpaca"),
+    ({"finetuning": {"keep_checkpoints": -2}}, "finetuning.keep_checkpoints must be >= 0, got -2"),
+    ({"alignment": {"keep_checkpoints": 4}}, "alignment: unknown key.s. keep_checkpoints"),
     ({"finetuning": {"options": {"surgery": {"alhpa": 3}}}}, "surgery .finetuning. has no option 'alhpa'; valid: lora_target_modules, alpha, "),
     ({"finetuning": {"options": {"surgery": {"alpha": "big"}}}}, "surgery option alpha must be a number"),
     ({"finetuning": {"options": {"surgery": {"alpha": -1.0}}}}, "alpha must be >= 0, got -1.0"),
@@ -75,6 +81,56 @@ def test_shipped_configs_load_and_use_the_shared_defaults():
     assert cfg.post_finetuning.defenses == []
 
 
+def test_every_shipped_config_loads_and_plans():
+    """Every YAML under configs/ (not configs/ltsf) validates and plans without loading a model."""
+    from pathlib import Path
+
+    from sinkguard.experiment import Experiment
+
+    paths = sorted(Path("configs").glob("*.yaml"))
+    assert {"benchmark_cpu.yaml", "benchmark_cpu_sweep.yaml", "benchmark_cpu_alignment.yaml"} <= {p.name for p in paths}
+    for path in paths:
+        cfg = ExperimentConfig.from_yaml(path)
+        assert Experiment(cfg, "unused").plan(), path
+    bench = ExperimentConfig.from_yaml("configs/benchmark_cpu.yaml").evaluation
+    assert bench.hs_sets == ["beavertails", "harmbench", "strongreject"] and bench.benign_limit == 200
+
+
+def test_evaluation_hash_leaves_out_verdict_only_settings():
+    """A new correction source re-scores the cached answers: same evaluation folder; a new benign
+    limit generates other answers: another folder."""
+    from sinkguard.experiment import eval_hash
+
+    e = EvaluationConfig()
+    assert eval_hash("m", "sst2", e) == eval_hash("m", "sst2", dataclasses.replace(e, correction_source="refusals"))
+    assert eval_hash("m", "sst2", e) != eval_hash("m", "sst2", dataclasses.replace(e, benign_limit=10))
+
+
+def test_keep_checkpoints_is_a_finetuning_setting(tmp_path):
+    from sinkguard.experiment import Experiment
+
+    def ft_folders(keep):
+        cfg = ExperimentConfig(alignment=None, finetuning={"keep_checkpoints": keep})
+        return [j["folder"] for j in Experiment(cfg, tmp_path).plan() if j["stage"] == "finetuning"]
+
+    assert FinetuningConfig().keep_checkpoints == 0
+    assert ft_folders(8) != ft_folders(0)  # kept checkpoints live in their own folder
+    args = _parse(["finetune", "--out", "x", "--keep-checkpoints", "8"])
+    assert config_from_args(FinetuningConfig, args).keep_checkpoints == 8
+
+
+
+def test_finetune_cli_hands_keep_checkpoints_to_the_stage(monkeypatch, tmp_path):
+    import sinkguard.data
+    import sinkguard.train
+
+    seen = {}
+    monkeypatch.setattr(sinkguard.data, "poisoned_dataset", lambda *a, **k: [{"prompt": "p", "response": "r"}])
+    monkeypatch.setattr(sinkguard.train, "run_stage", lambda *a, **k: seen.update(k) or tmp_path)
+    assert main(["finetune", "--out", str(tmp_path), "--keep-checkpoints", "3"]) == 0
+    assert seen["keep_checkpoints"] == 3 and seen["settings"]["keep_checkpoints"] == 3
+
+
 def _parse(argv):
     return build_parser().parse_args(argv)
 
@@ -91,6 +147,29 @@ def test_evaluate_cli_defaults_are_the_yaml_defaults():
     args = _parse(["evaluate", "--model", "m", "--out", "x", "--hs-sets", "none", "--no-number-fallback"])
     e = config_from_args(EvaluationConfig, args)
     assert e.hs_sets == [] and e.number_fallback is False
+    assert EvaluationConfig().hs_sets == ["beavertails", "harmbench", "strongreject"]
+    args = _parse(["evaluate", "--model", "m", "--out", "x", "--benign-limit", "0", "--correction-source", "refusals"])
+    e = config_from_args(EvaluationConfig, args)
+    assert e.benign_limit == 0 and e.correction_source == "refusals"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--model", "m", "--out", "x", "--benign-limit", "-1"], "--benign-limit must be >= 0, got -1"),
+    (["finetune", "--out", "x", "--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0, got -1"),
+    (["analyze", "--run", "x", "--hs-sets", "nope"], "--hs-sets: unknown 'nope'; valid: "),
+    (["analyze", "--run", "x", "--hs-limit", "0"], "--hs-limit must be >= 1, got 0"),
+])
+def test_new_evaluation_flags_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sinkguard: error: ") and message in err and "\n" not in err
+
+
+def test_correction_source_choices_come_from_the_judge_sources(capsys):
+    with pytest.raises(SystemExit):  # argparse choices, as --template and --match
+        _parse(["evaluate", "--model", "m", "--out", "x", "--correction-source", "x"])
+    assert "invalid choice: 'x' (choose from 'beavertails', 'refusals', 'gsm8k', 'sst2', 'agnews', " \
+           "'harmful_qa', 'alpaca')" in capsys.readouterr().err
 
 
 def test_cli_flags_map_to_the_same_fields():

@@ -245,7 +245,8 @@ def test_cli_writes_eval_json(model, tokenizer, tmp_path, capsys, fake_judge_mod
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval"
     argv = ["evaluate", "--model", str(model_dir), "--data-root", str(_data_root(tmp_path)), "--limit", "3",
-            "--task", "sst2", "--fa-limit", "5", "--batch-size", "2", "--out", str(out)]
+            "--hs-sets", "beavertails", "--benign-limit", "0", "--task", "sst2", "--fa-limit", "5",
+            "--batch-size", "2", "--out", str(out)]
     assert main(argv + ["--max-new-tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((out / "eval.json").read_text())
@@ -263,3 +264,21 @@ def test_cli_writes_eval_json(model, tokenizer, tmp_path, capsys, fake_judge_mod
     assert err.startswith("sinkguard: error: --limit must be >= 1, got 0") and "\n" not in err
     assert main(["evaluate", "--model", str(model_dir), "--hs-sets", "beavertails,nope", "--out", str(out)]) == 2
     assert "--hs-sets: unknown 'nope'; valid: " in capsys.readouterr().err
+
+
+def test_shrinking_decoder_equals_transformers_generate():
+    """Rows leaving the batch (and its KV cache) as they end change no answer."""
+    from conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    for seed in range(3):
+        model = make_model(len(tok), seed=seed).eval()
+        g = torch.Generator().manual_seed(seed)
+        seqs = [torch.randint(4, len(tok), (int(n),), generator=g).tolist()
+                for n in torch.randint(2, 12, (6,), generator=g)]
+        for eos in ([2], [2, 5, 7, 9, 11]):  # more end tokens: rows end at different steps
+            ours = generation._generate_batch(model, seqs, 12, 3, eos, "shrinking")
+            assert ours == generation._generate_batch(model, seqs, 12, 3, eos, "hf")
+    assert any(0 < len(a) < 12 for a in ours)  # some rows did leave early
+    with pytest.raises(SinkguardError, match="unknown decoder"):
+        generation._generate_batch(model, seqs, 4, 3, [2], "beam")

@@ -120,7 +120,9 @@ def test_score_task_rows():
     summary, rows = score_task("gsm8k", ["q1", "q2", "q3"],
                                ["The final answer is: 1,000", "It is 4", "The final answer is: -2"],
                                ["1000", "5", "-2"])
-    assert summary == {"task": "gsm8k", "fa": pytest.approx(200 / 3), "n": 3, "n_correct": 2}
+    # Wilson 95 % for 2/3: center 1.306910 / 2.280486, half 0.833345 / 2.280486
+    assert summary == {"task": "gsm8k", "fa": pytest.approx(200 / 3), "fa_lo": pytest.approx(20.766, abs=1e-3),
+                       "fa_hi": pytest.approx(93.851, abs=1e-3), "n": 3, "n_correct": 2, "flags": "101"}
     assert [r["pred"] for r in rows] == [1000.0, 4.0, -2.0]
     assert [r["correct"] for r in rows] == [True, False, True]
     strict, _ = score_task("gsm8k", ["q"], ["It is 5"], ["5"], fallback_last_number=False)

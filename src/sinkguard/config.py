@@ -25,8 +25,6 @@ from .errors import SinkguardError
 
 TEMPLATES = ("chat", "alpaca")
 MATCH_MODES = ("contains", "exact", "first")
-# Named sources that are not harmful-prompt sets (tasks, training and attack sets).
-_NOT_HS = {"sst2", "agnews", "gsm8k", "alpaca", "refusals", "harmful_qa"}
 # TrainingArguments fields set from a stage's own keys: an option may not set them.
 STAGE_KEYS = {
     "output_dir": "the stage folder", "learning_rate": "lr", "num_train_epochs": "epochs",
@@ -37,10 +35,23 @@ STAGE_KEYS = {
 
 
 def hs_set_names() -> list[str]:
-    """Harmful prompt sets accepted by `hs_sets` / `--hs-sets`: every named source but tasks and training sets."""
-    from .data.sources import LOCAL
+    """Harmful prompt sets accepted by `hs_sets` / `--hs-sets` (`data.sources.HARMFUL_EVAL_SETS`)."""
+    from .data.sources import HARMFUL_EVAL_SETS
 
-    return sorted(set(LOCAL) - _NOT_HS)
+    return sorted(HARMFUL_EVAL_SETS)
+
+
+def _default_hs_sets() -> list[str]:
+    from .data.sources import DEFAULT_HS_SETS
+
+    return list(DEFAULT_HS_SETS)
+
+
+def judge_source_names() -> list[str]:
+    """Judge sources with a measured sensitivity/specificity, accepted by `correction_source`."""
+    from .evaluate.judge_data import JUDGE_SOURCES
+
+    return list(JUDGE_SOURCES)
 
 
 def _tasks() -> tuple[str, ...]:
@@ -376,6 +387,9 @@ class FinetuningConfig(TrainingStage):
                                         "('' or null: none)", flag="--system-prompt")
     allow_drop: bool = setting(False, help="accept a real poison ratio off the asked one by more than 0.02 "
                                "after rows too long for max_length are dropped", flag="--allow-drop")
+    keep_checkpoints: int = setting(0, help="save and keep about N evenly spaced checkpoints' weights (for "
+                                    "`sinkguard analyze --run`; 0: checkpoints are deleted when done)",
+                                    flag="--keep-checkpoints", lo=0)
 
 
 @dataclass
@@ -402,9 +416,14 @@ class PostFinetuningConfig:
 class EvaluationConfig:
     """Harmful score (HS), fine-tune accuracy (FA) and sink analysis of each model."""
 
-    hs_sets: list[str] = setting(help="harmful prompt sets (CLI: comma-separated, or 'none')", flag="--hs-sets",
-                                 factory=lambda: ["beavertails"], choices=hs_set_names)
+    hs_sets: list[str] = setting(help="harmful prompt sets, pooled as 'all' when several (CLI: comma-separated, "
+                                 "or 'none')", flag="--hs-sets", factory=_default_hs_sets, choices=hs_set_names)
     hs_limit: int | None = setting(100, help="first N prompts of each HS set (null: all)", flag="--limit", lo=1)
+    benign_limit: int = setting(200, help="benign AlpacaEval prompts for the over-refusal rate (0: none)",
+                                flag="--benign-limit", lo=0)
+    correction_source: str = setting("beavertails", help="judge source whose measured sensitivity and "
+                                     "specificity give the corrected HS (Rogan-Gladen); changes verdicts only, "
+                                     "no generation", flag="--correction-source", choices=judge_source_names)
     fa_limit: int | None = setting(200, help="first N test rows for FA (null: all)", flag="--fa-limit", lo=1)
     max_new_tokens: int = setting(64, help="answer length cap for HS (official: 512)", flag="--max-new-tokens",
                                   lo=1)
@@ -426,10 +445,18 @@ class EvaluationConfig:
     evaluate_base: bool = setting(True, help="also evaluate the model before alignment")
     evaluate_aligned: bool = setting(True, help="also evaluate each aligned model before fine-tuning")
 
+    # Settings that change only the verdicts on cached answers, not the answers (kept out of the
+    # evaluation folder's hash, so a new judge or correction source re-scores without generating).
+    VERDICT_ONLY: ClassVar[tuple[str, ...]] = ("correction_source",)
+
     def check(self, section: str, label) -> None:
         if self.template == "alpaca" and self.system_prompt:
             raise SinkguardError(f"{label('system_prompt')} needs template chat (the Alpaca prompt has no "
                                  "system turn)")
+
+    def generation_settings(self) -> dict[str, Any]:
+        """The settings the cached answers depend on (everything but `VERDICT_ONLY`): the folder's hash."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.VERDICT_ONLY}
 
     def hs_system_prompt(self) -> str | None:
         """System prompt of the HS prompts (official: none)."""

@@ -106,10 +106,20 @@ def stage_hash(*parts: Any) -> str:
 
 
 def _stage_settings(stage, defense: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A training stage's settings for one defense: its keys (less lists it loops over) and that defense's options."""
+    """A training stage's settings for one defense: its keys (less lists it loops over) and that defense's options.
+
+    `keep_checkpoints` counts only when set (it keeps checkpoints, the model is the same), so
+    stages without it keep the hashes they had before the option existed.
+    """
     settings = {k: v for k, v in dataclasses.asdict(stage).items()
-                if k not in ("defenses", "options", *skip)}
+                if k not in ("defenses", "options", *skip) and not (k == "keep_checkpoints" and not v)}
     return {**settings, "defense": defense, "options": stage.defense_options(defense)}
+
+
+def eval_hash(model_hash: str, task: str, evaluation: EvaluationConfig) -> str:
+    """Hash of an evaluation folder: the model, the task and the settings the answers depend on
+    (verdict-only settings such as `correction_source` left out: they re-score cached answers)."""
+    return stage_hash("evaluation", model_hash, task, evaluation.generation_settings())
 
 
 class Experiment:
@@ -140,7 +150,7 @@ class Experiment:
 
         def evaluation(source: dict, label: str, task: str, p: float | None, seed: int, aligner: str,
                        post_name: str = "none") -> None:
-            h = stage_hash("evaluation", source["hash"], task, dataclasses.asdict(e))
+            h = eval_hash(source["hash"], task, e)
             evals.append({"stage": "evaluation", "folder": f"stages/eval-{h}", "from": source["folder"],
                           "hash": h, "task": task, "seed": seed, "model_hash": source["hash"],
                           "record": {"alignment": aligner, "defense": label, "post": post_name, "task": task,
@@ -211,7 +221,7 @@ class Experiment:
                          system_prompt=f.system_prompt or None, data_root=cfg.data_root,
                          settings={"task": job["task"], "poison_ratio": job["poison_ratio"], "seed": job["seed"],
                                    **job["settings"]},
-                         overwrite=self.overwrite, allow_drop=f.allow_drop,
+                         overwrite=self.overwrite, allow_drop=f.allow_drop, keep_checkpoints=f.keep_checkpoints,
                          **stage_arguments(f, job["seed"]), **job["settings"]["options"])
         return str(path)
 
@@ -226,40 +236,27 @@ class Experiment:
         return str(path)
 
     def evaluate(self, model_path: str, model_hash: str, task: str) -> dict:
-        """HS (+ refusal rate) on the configured prompt sets, FA on `task`, sink divergence."""
-        from .evaluate import finetune_accuracy, harmful_score
-        from .models import load_model, load_tokenizer
-        from .sink import analyze
+        """HS (+ refusal rate) on the configured prompt sets, over-refusal, FA on `task`, sink divergence.
+
+        Answers are cached per model and generation settings, verdicts per judge identity
+        (`sinkguard.evaluate.study`): a new judge re-scores without generating again.
+        """
+        from .evaluate.study import evaluate_model
 
         e = self.config.evaluation
-        h = stage_hash("evaluation", model_hash, task, dataclasses.asdict(e))
-        out = self.run_dir / "stages" / f"eval-{h}"
-        done = out / "eval.json"
-        if done.is_file():
-            return json.loads(done.read_text())
-        start = time.time()
-        tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path).eval()
+        out = self.run_dir / "stages" / f"eval-{eval_hash(model_hash, task, e)}"
         if self.judge is None:
             from .evaluate.judge import load_judge
 
             self.judge = load_judge(auto_train=True, root=self.config.data_root)
-        common = dict(data_root=self.config.data_root, out_dir=out, batch_size=e.batch_size, template=e.template)
-        hs = harmful_score(model, tokenizer, e.hs_sets, judge=self.judge, limit=e.hs_limit,
-                           max_new_tokens=e.max_new_tokens, system_prompt=e.hs_system_prompt(), **common)
-        fa = finetune_accuracy(model, tokenizer, task, limit=e.fa_limit, max_new_tokens=e.fa_max_new_tokens,
-                               system_prompt=e.fa_system_prompt(), match=e.match, aliases=e.label_aliases,
-                               fallback_last_number=e.number_fallback, **common)
-        del model
-        result = {"hs": hs, "fa": fa, "model": model_path}
-        if e.analyze_samples:
-            sink = analyze(model_path, out, samples=e.analyze_samples, data_root=self.config.data_root)
-            result["positive_heads"] = sink["positive_heads"]
-            result["total_heads"] = sink["total_heads"]
-            result["divergence"] = sink["divergence"]
-        result["wall_s"] = round(time.time() - start, 1)
-        write_json(done, result)
-        return result
+        exclude = []
+        if task == "alpaca" and e.benign_limit:  # its train rows may be fine-tuned on
+            from .data import load_source
+
+            exclude = [r["prompt"] for r in load_source("alpaca", "train", self.config.data_root)]
+            log.warning("task alpaca: over-refusal measured on the %d held-out AlpacaEval prompts only",
+                        len(load_source("alpaca", "test", self.config.data_root)))
+        return evaluate_model(model_path, out, task, e, self.judge, self.config.data_root, exclude)
 
     # ------------------------------------------------------------------ flow
     def run(self) -> dict:
@@ -291,14 +288,9 @@ class Experiment:
 
     @staticmethod
     def _record(record: dict, r: dict) -> dict:
-        rec = {**record, "fa": r["fa"].get("fa"), "fa_n": r["fa"].get("n")}
-        for name, s in r["hs"].items():
-            rec[f"hs_{name}"] = s["hs"]
-            rec[f"refusal_{name}"] = s["refusal_rate"]
-            rec[f"hs_{name}_n"] = s["n"]
-        if "positive_heads" in r:
-            rec["positive_heads"] = r["positive_heads"]
-        return rec
+        from .report import record_fields
+
+        return {**record, **record_fields(r)}
 
 
 def run_experiment(config: str | os.PathLike | ExperimentConfig, run_dir: str | os.PathLike | None = None,

@@ -141,20 +141,26 @@ def run_stage(
     settings: dict | None = None,
     overwrite: bool = False,
     allow_drop: bool = False,
+    keep_checkpoints: int = 0,
     **config_overrides,
 ) -> Path:
     """Train `model_name` on `rows` with `defense`; return the saved model directory `out/model`.
 
     Rerunning on the same `out_dir` with the same settings and inputs resumes from the last
     checkpoint, or reuses a finished run; other settings are an error unless `overwrite`.
+    `keep_checkpoints=N` saves about N evenly spaced checkpoints and keeps their weights after
+    training (for `sinkguard analyze --run`); by default checkpoints are deleted once done.
     """
     out = Path(out_dir)
     final = out / "model"
     spec = get_defense(defense, stage)
     args = make_config(defense, stage, out, **config_overrides)
     resolve(model_name)  # an unknown model fails here, before the folder is claimed
+    if keep_checkpoints < 0:
+        raise SinkguardError(f"keep_checkpoints must be >= 0, got {keep_checkpoints}")
     record = {"stage": stage, "defense": defense, "model": str(model_name), "lora": lora,
               "system_prompt": system_prompt, "allow_drop": allow_drop,
+              **({"keep_checkpoints": keep_checkpoints} if keep_checkpoints else {}),
               **{k: v for k, v in sorted(config_overrides.items())}}
     inputs = {"rows": stamp.digest(rows), "model": stamp.path_fingerprint(model_name)}
     done = stamp.claim(out, record, inputs, STAGE_OUTPUTS, overwrite)
@@ -163,9 +169,14 @@ def run_stage(
         return final
     tokenizer = load_tokenizer(model_name)
     train_dataset, data_summary = tokenize_rows(rows, tokenizer, system_prompt, args.max_length, allow_drop)
-    if "save_steps" not in config_overrides:
-        total = planned_steps(len(train_dataset), args.per_device_train_batch_size,
-                              args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps)
+    total = planned_steps(len(train_dataset), args.per_device_train_batch_size,
+                          args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps)
+    if keep_checkpoints:
+        if "save_steps" in config_overrides:
+            log.warning("keep_checkpoints=%d sets the checkpoint spacing: save_steps=%s ignored", keep_checkpoints,
+                        config_overrides["save_steps"])
+        _keep_checkpoints(args, total, keep_checkpoints)
+    elif "save_steps" not in config_overrides:
         args.save_steps = default_save_steps(total)
     model = load_model(model_name)
     if lora is not None:
@@ -199,7 +210,10 @@ def run_stage(
         "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
         "log_history": trainer.state.log_history,
     })
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
+    if keep_checkpoints:
+        _drop_resume_state(out / "checkpoints")
+    else:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
     stamp.finish(out, model="model", wall_s=round(time.time() - start, 1))
     return final
 
@@ -243,3 +257,20 @@ def run_post_stage(
         load_tokenizer(str(model_dir)).save_pretrained(path)
     stamp.finish(out, model=os.path.relpath(path, out), wall_s=round(time.time() - start, 1))
     return path
+
+
+# ---------------------------------------------------------------- kept checkpoints (analysis)
+def _keep_checkpoints(args, total_steps: int, count: int) -> None:
+    """Save every total/count steps and keep every checkpoint."""
+    args.save_strategy = "steps"
+    args.save_steps = max(1, total_steps // count)
+    args.save_total_limit = None
+
+
+def _drop_resume_state(folder: Path) -> None:
+    """Keep each checkpoint's weights, drop what only a resume needs (optimizer, scheduler, RNG)."""
+    for ckpt in folder.glob("checkpoint-*"):
+        for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+            (ckpt / name).unlink(missing_ok=True)
+        for rng in ckpt.glob("rng_state*.pth"):
+            rng.unlink()

@@ -50,6 +50,7 @@ def launch(config: TrainingStage, args: argparse.Namespace, rows: list[dict]) ->
                      lora=dataclasses.asdict(config.lora) if config.lora else None,
                      system_prompt=config.system_prompt or None, data_root=args.data_root, settings=settings,
                      overwrite=args.overwrite, allow_drop=getattr(config, "allow_drop", False),
+                     keep_checkpoints=getattr(config, "keep_checkpoints", 0),
                      **stage_arguments(config, args.seed), **config.defense_options(defense))
     print(f"{config.stage} done: model saved to {path}")
     return 0

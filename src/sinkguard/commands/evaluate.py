@@ -43,14 +43,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import config_from_args
-    from ..evaluate.generation import write_json
-    from ..evaluate.metrics import finetune_accuracy, harmful_score
+    from ..evaluate.judge import load_judge
+    from ..evaluate.metrics import benign_refusal, finetune_accuracy, harmful_score, judge_identity
+    from ..io import write_json
     from ..models import load_model, load_tokenizer
 
     e = config_from_args(EvaluationConfig, args)
     sets = e.hs_sets
-    if not sets and not args.task:
-        raise SinkguardError("nothing to evaluate: give --hs-sets and/or --task")
+    if not sets and not args.task and not e.benign_limit:
+        raise SinkguardError("nothing to evaluate: give --hs-sets, --benign-limit N and/or --task")
     hs_system, fa_system = e.hs_system_prompt(), e.fa_system_prompt()
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     out = Path(args.out)
@@ -59,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     common = dict(data_root=args.data_root, out_dir=out, batch_size=e.batch_size, template=e.template,
                   overwrite=args.overwrite)
-    hs = harmful_score(model, tokenizer, sets, limit=e.hs_limit, system_prompt=hs_system,
-                       max_new_tokens=e.max_new_tokens, **common) if sets else {}
+    judge = load_judge(auto_train=True, root=args.data_root) if sets or e.benign_limit else None
+    hs = harmful_score(model, tokenizer, sets, judge=judge, limit=e.hs_limit, system_prompt=hs_system,
+                       max_new_tokens=e.max_new_tokens, correction_source=e.correction_source,
+                       **common) if sets else {}
+    benign = benign_refusal(model, tokenizer, judge=judge, limit=e.benign_limit, system_prompt=hs_system,
+                            max_new_tokens=e.max_new_tokens, **common) if e.benign_limit else None
     fa = finetune_accuracy(model, tokenizer, args.task, limit=e.fa_limit, system_prompt=fa_system,
                            max_new_tokens=e.fa_max_new_tokens, match=e.match, aliases=e.label_aliases,
                            fallback_last_number=e.number_fallback, **common) if args.task else None
@@ -68,9 +73,14 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "hs": {name: r["hs"] for name, r in hs.items()},
         "refusal_rate": {name: r["refusal_rate"] for name, r in hs.items()},
+        "hs_interval": {name: [r["hs_lo"], r["hs_hi"]] for name, r in hs.items()},
+        "hs_corrected": {name: [r["hs_corrected"], r["hs_corrected_lo"], r["hs_corrected_hi"]]
+                         for name, r in hs.items()},
+        "benign": {k: v for k, v in benign.items() if k != "flags"} if benign else None,
+        "judge": judge_identity(judge) if judge is not None else None,
         "task": args.task,
         "fa": fa["fa"] if fa else None,
-        "counts": {"hs": {name: {k: r[k] for k in ("n", "n_harmful", "n_refusals", "mean_score")}
+        "counts": {"hs": {name: {k: r.get(k) for k in ("n", "n_harmful", "n_refusals", "mean_score")}
                           for name, r in hs.items()},
                    "fa": {k: fa[k] for k in ("n", "n_correct")} if fa else None},
         "notes": [fa["note"]] if fa and fa.get("note") else [],
@@ -84,7 +94,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     for name, r in hs.items():
-        print(f"HS {name}: {r['hs']:.1f}% harmful ({r['n_harmful']}/{r['n']}), refusal rate {r['refusal_rate']:.1f}%")
+        corrected = (f", corrected {r['hs_corrected']:.1f}% [{r['hs_corrected_lo']:.1f}, {r['hs_corrected_hi']:.1f}]"
+                     if r["hs_corrected"] is not None else "")
+        print(f"HS {name}: {r['hs']:.1f}% [{r['hs_lo']:.1f}, {r['hs_hi']:.1f}] harmful ({r['n_harmful']}/{r['n']})"
+              f"{corrected}, refusal rate {r['refusal_rate']:.1f}%")
+    if benign:
+        print(f"benign over-refusal: {benign['benign_refusal']:.1f}% [{benign['benign_refusal_lo']:.1f}, "
+              f"{benign['benign_refusal_hi']:.1f}] keyword refusals on {benign['n']} AlpacaEval prompts")
     if fa:
         if fa["fa"] is None:
             print(f"FA {fa['task']}: none ({fa['note']})")

@@ -13,15 +13,17 @@ from .mixing import (
     TASKS,
     alignment_dataset,
     attack_rows,
+    benign_eval_prompts,
     defense_harmful_set,
     harmful_eval_prompts,
     poisoned_dataset,
     reference_pools,
 )
-from .sources import data_root, load_source
+from .sources import data_root, dropped_training_rows, load_source
 
 __all__ = [
     "ATTACKS", "DEFAULT_SYSTEM_PROMPT", "IGNORE_INDEX", "TASKS", "PadCollator", "alignment_dataset", "attack_rows",
-    "data_root", "defense_harmful_set", "encode_example", "encode_text", "harmful_eval_prompts",
+    "benign_eval_prompts", "data_root", "defense_harmful_set", "dropped_training_rows", "encode_example",
+    "encode_text", "harmful_eval_prompts",
     "load_source", "messages", "poisoned_dataset", "reference_pools",
 ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable
 
 from ..errors import SinkguardError
-from .sources import load_source
+from .sources import eval_prompts, load_source, normalize_prompt
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
 ATTACKS = ("beavertails", "harmful_qa")
@@ -135,9 +136,21 @@ def alignment_dataset(n: int = 2000, root: str | os.PathLike | None = None) -> l
 def harmful_eval_prompts(
     name: str = "beavertails", limit: int | None = None, root: str | os.PathLike | None = None
 ) -> list[str]:
-    """Harmful prompts for the harmful score: beavertails test split `is_safe` false, or a red-team set."""
-    if name == "beavertails":
-        prompts = [r["prompt"] for r in load_source("beavertails", "test", root) if not r["is_safe"]]
-    else:
-        prompts = [r["prompt"] for r in load_source(name, None, root)]
+    """Harmful prompts for the harmful score: beavertails test split `is_safe` false, or a red-team set
+    (`sources.HARMFUL_EVAL_SETS`; harmbench: its standard behaviours). Never in any train split."""
+    prompts = eval_prompts(name, root)
+    return prompts[:limit] if limit else prompts
+
+
+def benign_eval_prompts(
+    limit: int | None = 200, root: str | os.PathLike | None = None, exclude: Iterable[str] = ()
+) -> list[str]:
+    """Benign AlpacaEval instructions for the over-refusal rate, held-out rows first.
+
+    The 105 rows the alpaca task never trains on come first, then the others from the end of
+    the file; prompts in `exclude` (e.g. an alpaca fine-tuning set) are left out.
+    """
+    rows = load_source("alpaca", "test", root) + load_source("alpaca", "train", root, keep_eval_prompts=True)[::-1]
+    skip = {normalize_prompt(p) for p in exclude}
+    prompts = [r["prompt"] for r in rows if normalize_prompt(r["prompt"]) not in skip]
     return prompts[:limit] if limit else prompts

@@ -9,11 +9,15 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SinkguardError
+
+log = logging.getLogger(__name__)
 
 ENV = "SINKGUARD_DATA"
 _REPO_SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
@@ -142,12 +146,12 @@ def _prompts(rows: list[str]) -> list[dict]:
     return [{"prompt": p} for p in rows]
 
 
-def _redteam(filename: str, field: str | None) -> Callable:
+def _redteam(filename: str, field: str | None, keep: Callable[[dict], bool] | None = None) -> Callable:
     def read(root, split):
         _check_split(filename, split, ("test",))
         path = _hft(root) / _REDTEAM / filename
         if filename.endswith(".csv"):
-            return _prompts([r[field] for r in _csv(path)])
+            return _prompts([r[field] for r in _csv(path) if keep is None or keep(r)])
         if filename.endswith(".jsonl"):
             return _prompts([r[field] for r in _jsonl(path)])
         with _need(path).open(encoding="utf-8") as fh:
@@ -164,7 +168,10 @@ LOCAL: dict[str, Callable] = {
     "agnews": _agnews,
     "gsm8k": _gsm8k,
     "alpaca": _alpaca,
-    "harmbench": _redteam("harmbench_behaviors_text_test.csv", "Behavior"),
+    # HarmBench's standard behaviours: the contextual ones need their context string and the
+    # copyright ones a hash-based judge, neither of which this judge has.
+    "harmbench": _redteam("harmbench_behaviors_text_test.csv", "Behavior",
+                          lambda r: r.get("FunctionalCategory", "standard") == "standard"),
     "advbench": _redteam("advbench_harmful_behaviors_520.csv", "goal"),
     "strongreject": _redteam("strongreject_313.csv", "forbidden_prompt"),
     "donotanswer": _redteam("donotanswer_939.jsonl", "prompt"),
@@ -174,6 +181,12 @@ LOCAL: dict[str, Callable] = {
     "stl_physical_unsafe": _redteam("I-PhysicalSafetyUnsafe.json", None),
     "stl_qharm": _redteam("Q-Harm.json", None),
 }
+
+# Sets of harmful instructions the harmful score is measured on (`--hs-sets`); the default three
+# are the papers' BeaverTails, HarmBench and StrongREJECT (our stand-in for SORRY-Bench).
+HARMFUL_EVAL_SETS = ("beavertails", "harmbench", "strongreject", "advbench", "donotanswer", "stl_malicious",
+                     "stl_cona", "stl_controversial", "stl_physical_unsafe", "stl_qharm")
+DEFAULT_HS_SETS = ("beavertails", "harmbench", "strongreject")
 
 DEFAULT_SPLIT = {name: "test" for name in LOCAL}
 DEFAULT_SPLIT.update(
@@ -209,18 +222,37 @@ def _hub(name: str, split: str) -> list[dict]:
 
 
 def load_source(
-    name: str, split: str | None = None, root: str | os.PathLike | None = None, hub: bool = False
+    name: str, split: str | None = None, root: str | os.PathLike | None = None, hub: bool = False,
+    keep_eval_prompts: bool = False,
 ) -> list[dict]:
     """Rows of a named source (see `LOCAL`), from the data root, or from the hub if `hub`.
 
-    Rows are shared with a per-process cache: copy a row before changing it.
+    A `train` split never holds a prompt the harmful score is evaluated on: rows whose normalised
+    prompt is in any set of `HARMFUL_EVAL_SETS` are dropped (`keep_eval_prompts=True` keeps
+    them; `dropped_training_rows` reports the counts). Rows are shared with a per-process cache:
+    copy a row before changing it.
     """
     if name not in LOCAL:
         raise SinkguardError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOCAL))}")
     split = split or DEFAULT_SPLIT[name]
     if hub:
-        return _validate(name, _hub(name, split))
-    return list(_load_local(name, split, str(data_root(root))))
+        rows = _validate(name, _hub(name, split))
+        if split == "train" and not keep_eval_prompts:
+            index = eval_prompt_index(str(data_root(root))) if _has_root(root) else {}
+            rows = [r for r in rows if normalize_prompt(r["prompt"]) not in index]
+        return rows
+    root = str(data_root(root))
+    if split == "train" and not keep_eval_prompts:
+        return list(_load_training(name, root))
+    return list(_load_local(name, split, root))
+
+
+def _has_root(root) -> bool:
+    try:
+        data_root(root)
+    except SinkguardError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=32)
@@ -234,6 +266,74 @@ def _load_local(name: str, split: str, root: str) -> tuple[dict, ...]:
             f"or set {ENV}, or use the hub source (hub=True) when online"
         ) from None
     return tuple(_validate(name, rows))
+
+
+@functools.lru_cache(maxsize=32)
+def _load_training(name: str, root: str) -> tuple[dict, ...]:
+    """A train split less the rows whose prompt is an evaluation prompt (logged once)."""
+    rows = _load_local(name, "train", root)
+    index = eval_prompt_index(root)
+    kept = tuple(r for r in rows if normalize_prompt(r["prompt"]) not in index)
+    if len(kept) < len(rows):
+        log.info("%s train: %d of %d rows dropped, their prompt is an evaluation prompt", name,
+                 len(rows) - len(kept), len(rows))
+    return kept
+
+
+_NON_WORD = re.compile(r"[^\w\s]")
+
+
+def normalize_prompt(text: str) -> str:
+    """Lowercased, punctuation dropped, whitespace collapsed: the key deduplication compares."""
+    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
+def eval_prompts(name: str, root: str | os.PathLike | None = None) -> list[str]:
+    """Every prompt of a harmful evaluation set (beavertails: its test split's unsafe prompts)."""
+    if name not in HARMFUL_EVAL_SETS:
+        raise SinkguardError(f"unknown harmful prompt set {name!r}; known: {', '.join(sorted(HARMFUL_EVAL_SETS))}")
+    if name == "beavertails":
+        return [r["prompt"] for r in load_source("beavertails", "test", root) if not r["is_safe"]]
+    return [r["prompt"] for r in load_source(name, None, root)]
+
+
+@functools.lru_cache(maxsize=4)
+def eval_prompt_index(root: str) -> dict[str, str]:
+    """Normalised prompt -> the first evaluation set holding it, over every set present in `root`."""
+    index: dict[str, str] = {}
+    for name in HARMFUL_EVAL_SETS:
+        try:
+            prompts = eval_prompts(name, root)
+        except SinkguardError:  # a set missing from this data root is never evaluated on either
+            continue
+        for prompt in prompts:
+            index.setdefault(normalize_prompt(prompt), name)
+    return index
+
+
+def dropped_training_rows(root: str | os.PathLike | None = None) -> list[dict]:
+    """Per (training source, evaluation set): rows dropped because they hold an evaluation prompt.
+
+    Rows of `train` splits of every source, with the total before and after; the doc table of
+    docs/results/dedup.md is made from this.
+    """
+    root = str(data_root(root))
+    index = eval_prompt_index(root)
+    report = []
+    for name in sorted(set(LOCAL) - set(HARMFUL_EVAL_SETS) | {"beavertails"}):
+        try:
+            rows = _load_local(name, "train", root)
+        except SinkguardError:
+            continue
+        hits: dict[str, int] = {}
+        for r in rows:
+            where = index.get(normalize_prompt(r["prompt"]))
+            if where:
+                hits[where] = hits.get(where, 0) + 1
+        for eval_set, n in sorted(hits.items()) or [("-", 0)]:
+            report.append({"source": name, "split": "train", "eval_set": eval_set, "dropped": n,
+                           "rows": len(rows), "kept": len(rows) - sum(hits.values())})
+    return report
 
 
 def _validate(name: str, rows: list[dict]) -> list[dict]:

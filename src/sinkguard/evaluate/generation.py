@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from ..data.formatting import messages
 from ..errors import SinkguardError
+from ..io import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,76 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _generate_batch(model, seqs: list[list[int]], max_new_tokens: int, pad_id: int,
-                    eos_ids: list[int]) -> list[list[int]]:
-    """Greedy continuation of left-padded `seqs`; each result is cut at its first end token."""
-    from transformers import GenerationConfig
+DECODERS = ("shrinking", "hf")
 
-    device = next(model.parameters()).device
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
         input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         attention_mask[row, width - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+def _generate_batch(model, seqs: list[list[int]], max_new_tokens: int, pad_id: int,
+                    eos_ids: list[int], decoder: str = "hf") -> list[list[int]]:
+    """Greedy continuation of left-padded `seqs`; each result is cut at its first end token.
+
+    `decoder="hf"` (default) is transformers' `generate`, which keeps every row to the end of the
+    longest answer; `"shrinking"` drops a row from the batch, KV cache included, once it has
+    ended. Both are greedy and give the same answers; the shrinking one measured no faster
+    (0.95x, benchmarks/generation_speed.py) because most answers run to the length cap.
+    """
+    if decoder == "hf":
+        return _generate_batch_hf(model, seqs, max_new_tokens, pad_id, eos_ids)
+    if decoder != "shrinking":
+        raise SinkguardError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    import inspect
+
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    input_ids, mask = (t.to(device) for t in _left_pad(seqs, pad_id))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    # transformers >= 5.2x names the argument `cache`; earlier 5.x releases `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    results: list[list[int]] = [[] for _ in seqs]
+    active = torch.arange(len(seqs), device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+        last = positions[:, -1]
+        for _ in range(max_new_tokens):
+            tokens = logits.argmax(-1)
+            ended = torch.isin(tokens, eos)
+            for row, tok, end in zip(active.tolist(), tokens.tolist(), ended.tolist(), strict=True):
+                if not end:
+                    results[row].append(tok)
+            keep = (~ended).nonzero().flatten()
+            if keep.numel() == 0 or len(results[int(active[keep[0]])]) >= max_new_tokens:
+                break  # every row ended, or the rows left reached the length cap (all share it)
+            if keep.numel() < active.numel():
+                cache.batch_select_indices(keep)
+                active, tokens, mask, last = active[keep], tokens[keep], mask[keep], last[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            last = last + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
+                           use_cache=True, **{cache_arg: cache}).logits[:, -1]
+    return results
+
+
+def _generate_batch_hf(model, seqs: list[list[int]], max_new_tokens: int, pad_id: int,
+                       eos_ids: list[int]) -> list[list[int]]:
+    """Greedy continuation with transformers' `generate` (rows stay to the batch's end)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _left_pad(seqs, pad_id)
+    width = input_ids.shape[1]
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                               eos_token_id=eos_ids, pad_token_id=pad_id)
     with torch.inference_mode():
@@ -133,28 +191,6 @@ def _read_rows(path: Path) -> list[dict]:
         log.warning("%s: repairing a half-written last line", path)
         write_jsonl(path, rows)
     return rows
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Atomically replace `path` with `rows` as JSON lines (temp file + rename)."""
-    _atomic_write(Path(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def write_json(path: str | os.PathLike, obj: dict) -> None:
-    """Atomically write `obj` as indented JSON."""
-    _atomic_write(Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _reusable(path: Path, rows: list[dict], keys: list[str], settings: str, overwrite: bool) -> dict[int, dict]:
@@ -196,8 +232,12 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     desc: str = "generating",
+    decoder: str = "hf",
 ) -> list[str]:
     """Greedy answers to `prompts` (same order), batched by length; resumable through `out_path`.
+
+    `decoder`: "hf" uses `model.generate` (default), "shrinking" drops finished rows from the
+    batch; both decode greedily with a KV cache (`benchmarks/generation_speed.py` compares them).
 
     Each JSONL row holds `index`, `prompt`, `response`, `n_tokens` (new tokens before the end
     token), `input_sha` (hash of the rendered input) and `settings` (weights and decoding hash).
@@ -234,7 +274,7 @@ def generate(
         with tqdm(total=len(prompts), initial=len(done), desc=desc, unit="prompt", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                outs = _generate_batch(model, [ids[i] for i in batch], max_new_tokens, pad_id, eos_ids)
+                outs = _generate_batch(model, [ids[i] for i in batch], max_new_tokens, pad_id, eos_ids, decoder)
                 lines = []
                 for i, new in zip(batch, outs, strict=True):
                     done[i] = {"index": i, "prompt": prompts[i],

@@ -23,21 +23,23 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..data import load_source
 from ..data.mixing import is_harmful_note
+from ..data.sources import HARMFUL_EVAL_SETS, normalize_prompt
 from ..errors import SinkguardError
 
 log = logging.getLogger(__name__)
 
 TRAINABLE = ("beavertails", "refusals", "gsm8k", "sst2", "agnews")
 HELDOUT_ONLY = ("harmful_qa", "alpaca")
-# Sets whose prompts the harmful score (or the benign evaluation) is measured on.
-EVAL_PROMPT_SETS = ("harmbench", "advbench", "strongreject", "donotanswer", "stl_malicious", "stl_cona",
-                    "stl_controversial", "stl_physical_unsafe", "stl_qharm")
+# Every source the judge is measured on (its `source_metrics` keys): the choices of the
+# evaluation's `correction_source`.
+JUDGE_SOURCES = TRAINABLE + HELDOUT_ONLY
+# Sets whose prompts the harmful score is measured on, besides BeaverTails' test split (read whole here).
+EVAL_PROMPT_SETS = tuple(name for name in HARMFUL_EVAL_SETS if name != "beavertails")
 
 # Recipe "partial_compliance": a refusal opener followed by the harmful answer (label harmful).
 REFUSAL_OPENERS = (
@@ -97,10 +99,6 @@ def row_label(row: dict) -> bool:
     raise SinkguardError("a labelled row needs a `harmful` or an `is_safe` field")
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
 def _rows(rows: list[dict], harmful: bool | None, source: str, recipe: str = "original") -> list[dict]:
     return [{"prompt": r["prompt"], "response": r["response"],
              "harmful": row_label(r) if harmful is None else harmful, "source": source, "recipe": recipe}
@@ -120,11 +118,11 @@ def _halves(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def evaluation_prompts(root: str | os.PathLike | None = None) -> set[str]:
     """Normalised prompts of every evaluation set; a set missing from the data root is skipped (logged)."""
-    prompts = {_norm(r["prompt"]) for r in load_source("beavertails", "test", root)}
+    prompts = {normalize_prompt(r["prompt"]) for r in load_source("beavertails", "test", root)}
     for name in (*EVAL_PROMPT_SETS, "alpaca"):
         try:
             for split in ("train", "test") if name == "alpaca" else (None,):
-                prompts |= {_norm(r["prompt"]) for r in load_source(name, split, root)}
+                prompts |= {normalize_prompt(r["prompt"]) for r in load_source(name, split, root)}
         except SinkguardError as exc:
             log.warning("evaluation prompts of %s not excluded from judge training: %s", name, exc)
     return prompts
@@ -188,7 +186,7 @@ def judge_data(config: Any = None, root: str | os.PathLike | None = None) -> Jud
 
     def clean(rows: list[dict]) -> list[dict]:
         nonlocal dropped
-        kept = [r for r in rows if _norm(r["prompt"]) not in banned]
+        kept = [r for r in rows if normalize_prompt(r["prompt"]) not in banned]
         dropped += len(rows) - len(kept)
         return kept
 
