@@ -19,6 +19,7 @@ import torch
 
 from .data import PadCollator, encode_example
 from .defenses import get_defense
+from .distributed import check_launch, check_trainer, has_accelerator
 from .errors import SinkguardError
 from .models import load_model, load_tokenizer
 
@@ -59,7 +60,7 @@ def make_config(defense: str, stage: str, out_dir: str | os.PathLike, **override
         report_to=[],
         seed=43,
         disable_tqdm=False,
-        use_cpu=False,
+        use_cpu=not has_accelerator(),  # else a CPU-only torchrun launch trains each process alone
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     base.update(overrides)
@@ -115,6 +116,7 @@ def run_stage(
     if (final / "config.json").is_file() and (out / "train_log.json").is_file():
         log.info("%s: already trained, reusing %s", stage, final)
         return final
+    check_launch()
     spec = get_defense(defense, stage)
     args = make_config(defense, stage, out, **config_overrides)
     tokenizer = load_tokenizer(model_name)
@@ -129,26 +131,35 @@ def run_stage(
         model=model, args=args, train_dataset=train_dataset,
         data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer, **extra,
     )
+    check_trainer(trainer)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded and lora is not None:
+        raise SinkguardError("merging a LoRA adapter of a sharded (FSDP / DeepSpeed) run is not supported; "
+                             "train LoRA under DDP, or full fine-tuning under FSDP / ZeRO-3")
     resume = last_checkpoint(out)
     if resume:
         log.info("resuming %s from %s", stage, resume)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     trained = trainer.model
-    if lora is not None:
-        trained = trained.merge_and_unload()
-    tmp = out / ".model.tmp"
-    trained.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_json(out / "train_log.json", {
-        "stage": stage, "defense": defense, "model": str(model_name), "examples": len(train_dataset),
-        "lora": lora, "system_prompt": system_prompt, "wall_s": round(time.time() - start, 1),
-        "train_loss": result.training_loss, "settings": settings or {},
-        "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
-        "log_history": trainer.state.log_history,
-    })
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
+    # Sharded engines: gather the full weights (a collective, so every rank takes part).
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    if trainer.is_world_process_zero():  # one writer; the other ranks wait at the barrier below
+        if lora is not None:
+            trained = trained.merge_and_unload()
+        tmp = out / ".model.tmp"
+        trained.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_json(out / "train_log.json", {
+            "stage": stage, "defense": defense, "model": str(model_name), "examples": len(train_dataset),
+            "lora": lora, "system_prompt": system_prompt, "wall_s": round(time.time() - start, 1),
+            "train_loss": result.training_loss, "settings": settings or {}, "processes": args.world_size,
+            "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
+            "log_history": trainer.state.log_history,
+        })
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
+    trainer.accelerator.wait_for_everyone()
     return final

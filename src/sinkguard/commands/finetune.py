@@ -34,6 +34,7 @@ def training_overrides(args: argparse.Namespace) -> dict:
 
 def launch(stage: str, args: argparse.Namespace, rows: list[dict], **options) -> int:
     """Run one training stage from parsed flags (shared by `align` and `finetune`)."""
+    from ..distributed import is_main_process
     from ..train import run_stage
 
     lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=0.1) if args.lora else None
@@ -41,7 +42,8 @@ def launch(stage: str, args: argparse.Namespace, rows: list[dict], **options) ->
     path = run_stage(stage, args.defense, args.model, rows, args.out, lora=lora,
                      system_prompt=args.system_prompt or None, data_root=args.data_root,
                      settings=settings, **training_overrides(args), **options)
-    print(f"{stage} done: model saved to {path}")
+    if is_main_process():
+        print(f"{stage} done: model saved to {path}")
     return 0
 
 

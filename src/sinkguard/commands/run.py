@@ -19,7 +19,13 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..distributed import world_size
+    from ..errors import SinkguardError
     from ..experiment import ExperimentConfig, run_experiment
+
+    if world_size() > 1:
+        raise SinkguardError("`sinkguard run` runs in one process (its evaluation is not sharded); launch "
+                             "`sinkguard align` / `finetune` under torchrun or accelerate instead")
     from ..report import results_table, write_report
 
     config = ExperimentConfig.from_yaml(args.config)
