@@ -62,7 +62,7 @@ def build(variant: str, model_name: str, batch: int, seq: int, device: str, pool
     extra = {} if variant == "sft" else {"sink_impl": "sdpa" if variant == "surgery" else "eager"}
     args = make_config(defense, "finetuning", tempfile.mkdtemp(), save_strategy="no",
                        per_device_train_batch_size=batch, use_cpu=device == "cpu", **extra)
-    spec = get_defense(defense)
+    spec = get_defense(defense, "finetuning")
     kw = spec.trainer_cls.defense_inputs(args, tok) if variant != "sft" else {}
     if kw and pool_len:
         kw = {name: packed(pool, pool_len) for name, pool in kw.items()}
