@@ -11,6 +11,9 @@ Timing interleaves the variants round-robin in one process (so machine load hits
 peak memory is each variant's peak RSS over 3 steps (after the first), in its own fresh
 subprocess (CPU, Linux) or
 torch.cuda.max_memory_allocated (GPU). Usage: python benchmarks/surgery_step.py [--json]
+Long context: --seq 1024 --batch 1 --pool-len 1024 (pool texts packed to exactly that length).
+--sink-alone: our sink pass alone (forward + backward of the sink values) against a plain decoder
+forward + backward of the same tokens, e.g. --sink-alone --seq 4096.
 """
 
 from __future__ import annotations
@@ -27,7 +30,20 @@ import torch
 VARIANTS = ("sft", "surgery", "official", "lisa", "panacea")
 
 
-def build(variant: str, model_name: str, batch: int, seq: int, device: str):
+def packed(pool, length: int, count: int = 4) -> list[list[int]]:
+    """`count` texts of exactly `length` tokens: pool texts concatenated in order, then cut."""
+    out, cur = [], []
+    for i in range(len(pool)):
+        cur += pool[i]
+        while len(cur) >= length:
+            out.append(cur[:length])
+            cur = cur[length:]
+            if len(out) == count:
+                return out
+    raise SystemExit(f"the pool holds fewer than {count} x {length} tokens")
+
+
+def build(variant: str, model_name: str, batch: int, seq: int, device: str, pool_len: int | None = None):
     """A trainer for `variant` and one fixed batch of real text (alpaca rows cut to `seq` tokens)."""
     from sinkguard.data import load_source
     from sinkguard.defenses import get_defense
@@ -56,6 +72,8 @@ def build(variant: str, model_name: str, batch: int, seq: int, device: str):
         kw = {"harmful_set": [{"input_ids": t, "labels": t} for t in ids]}
     else:
         kw = spec.trainer_cls.defense_inputs(args, tok) if variant != "sft" else {}
+        if kw and pool_len:
+            kw = {name: packed(pool, pool_len) for name, pool in kw.items()}
     trainer = spec.trainer_cls(model=model, args=args, train_dataset=[{"input_ids": [0]}],
                                processing_class=tok, **kw)
     trainer.create_optimizer()
@@ -78,13 +96,14 @@ def peak_memory(variant: str, args) -> float:
     """Peak memory (MiB) of `variant` run alone for a few steps."""
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        trainer, inputs = build(variant, args.model, args.batch, args.seq, "cuda")
+        trainer, inputs = build(variant, args.model, args.batch, args.seq, "cuda", args.pool_len)
         for _ in range(3):
             step(trainer, inputs)
         return torch.cuda.max_memory_allocated() / 2**20
     out = subprocess.run(
         [sys.executable, __file__, "--_memory-child", variant, "--model", args.model,
-         "--batch", str(args.batch), "--seq", str(args.seq)],
+         "--batch", str(args.batch), "--seq", str(args.seq)]
+        + (["--pool-len", str(args.pool_len)] if args.pool_len else []),
         check=True, capture_output=True, text=True,
     ).stdout
     return float(out.strip().splitlines()[-1])
@@ -95,6 +114,10 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--pool-len", type=int, default=None,
+                   help="pack pool texts to exactly this many tokens (default: the texts as drawn)")
+    p.add_argument("--sink-alone", action="store_true",
+                   help="time the sink pass alone vs a plain decoder forward + backward of --seq tokens")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +126,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.child:
-        trainer, inputs = build(args.child, args.model, args.batch, args.seq, "cpu")
+        trainer, inputs = build(args.child, args.model, args.batch, args.seq, "cpu", args.pool_len)
         step(trainer, inputs)  # optimizer state allocated
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset the peak RSS (VmHWM): loading spikes are not the step's
@@ -115,7 +138,10 @@ def main() -> None:
         return
 
     torch.manual_seed(0)
-    runs = {v: build(v, args.model, args.batch, args.seq, args.device) for v in VARIANTS}
+    if args.sink_alone:
+        sink_alone(args)
+        return
+    runs = {v: build(v, args.model, args.batch, args.seq, args.device, args.pool_len) for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(args.warmup + args.steps):
         for v in VARIANTS:  # round-robin: background load affects every variant alike
@@ -131,7 +157,7 @@ def main() -> None:
     median = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
     memory = {v: peak_memory(v, args) for v in VARIANTS}
     result = {
-        "device": args.device, "model": args.model, "batch": [args.batch, args.seq],
+        "device": args.device, "model": args.model, "batch": [args.batch, args.seq], "pool_len": args.pool_len,
         "threads": torch.get_num_threads(),
         "step_s": {v: round(median[v], 4) for v in VARIANTS},
         "peak_mib": {v: round(memory[v], 1) for v in VARIANTS},
@@ -147,16 +173,54 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"device {args.device}, {args.model}, batch {args.batch} x {args.seq} tokens, "
-          f"median of {args.steps} steps")
+          f"pool texts {args.pool_len or 'as drawn'}, median of {args.steps} steps")
     for v in VARIANTS:
         print(f"  {v:9s} step {median[v]:.3f} s   peak memory {memory[v]:.0f} MiB")
     print(f"  surgery / sft time      {result['ratio_surgery_vs_sft_time']:.3f}x  (target <= 1.25)")
     print(f"  official / surgery time {result['speedup_surgery_vs_official']:.3f}x  (target >= 1.25)")
     print(f"  official / sft time     {result['ratio_official_vs_sft_time']:.3f}x")
-    print(f"  surgery / sft memory    {result['ratio_surgery_vs_sft_memory']:.3f}x  (target <= 1.10)")
+    print(f"  surgery / sft memory    {result['ratio_surgery_vs_sft_memory']:.3f}x  "
+          f"(target <= {1.5 if args.pool_len else 1.1})")
     for v, expected in (("lisa", "about 1.0x"), ("panacea", "about 3x")):
         print(f"  {v} / sft time {result[f'ratio_{v}_vs_sft_time']:.3f}x (expected {expected}), "
               f"memory {result[f'ratio_{v}_vs_sft_memory']:.3f}x")
+
+
+def sink_alone(args) -> None:
+    """Our sink pass (sink values, forward + backward) vs a plain decoder forward + backward."""
+    from sinkguard.models import load_model
+    from sinkguard.sink import sink_values, unwrap
+
+    model = load_model(args.model, device=args.device).train()
+    body = unwrap(model).get_decoder()
+    x = torch.randint(100, 20000, (args.batch, args.seq), device=args.device)
+
+    def plain() -> None:
+        body(input_ids=x, use_cache=False).last_hidden_state.float().mean().backward()
+
+    def sink() -> None:
+        sink_values(model, x).sum().backward()
+
+    times: dict[str, list[float]] = {"decoder": [], "sink": []}
+    for i in range(args.warmup + args.steps):
+        for name, fn in (("decoder", plain), ("sink", sink)):
+            t0 = time.perf_counter()
+            fn()
+            model.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    result = {"device": args.device, "model": args.model, "tokens": [args.batch, args.seq],
+              "threads": torch.get_num_threads(), "step_s": {k: round(v, 4) for k, v in median.items()},
+              "ratio_sink_vs_decoder_time": round(median["sink"] / median["decoder"], 3)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"sink pass alone, {args.batch} x {args.seq} tokens: decoder fwd+bwd {median['decoder']:.3f} s, "
+              f"sink fwd+bwd {median['sink']:.3f} s, ratio {result['ratio_sink_vs_decoder_time']:.3f}x "
+              "(target <= 1.1)")
 
 
 if __name__ == "__main__":

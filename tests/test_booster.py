@@ -173,3 +173,18 @@ def test_booster_harmful_set_is_the_defense_harmful_set(tokenizer, tmp_path):
     ref = defense_harmful_set(50)
     assert 0 < len(rows) <= 50
     assert rows[0] == encode_example(tokenizer, ref[0]["prompt"], ref[0]["response"], args.harmful_system_prompt, 64)
+
+
+@pytest.mark.parametrize("defense", ["booster", "antibody"])
+def test_alignment_lora_targets_are_q_k_v_as_official(tokenizer, tmp_path, defense):
+    from peft import get_peft_model
+
+    from sinkguard.train import lora_config
+
+    args = make_config(defense, "alignment", tmp_path)
+    model = get_peft_model(make_model(len(tokenizer)), lora_config(target_modules=args.lora_target_modules))
+    adapted = {name.split(".")[-4] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj"}
+    assert "o_proj" in make_config(defense, "finetuning" if defense == "antibody" else "alignment", tmp_path,
+                                   **({} if defense == "antibody" else {"lora_target_modules": ["o_proj"]})
+                                   ).lora_target_modules

@@ -184,6 +184,11 @@ def test_cli_flags_map_to_the_same_fields():
     assert legacy.options == {"surgery": {"alpha": 12.0}}
     aligned = config_from_args(AlignmentConfig, _parse(["align", "--out", "x", "--no-lora"]))
     assert aligned.lora is None
+    booster = config_from_args(AlignmentConfig, _parse(["align", "--out", "x", "--defense", "booster",
+                                                        "--set", "lamb=3", "--set", "booster.alpha=0.2"]))
+    assert booster.defense_options("booster") == {"lamb": 3.0, "alpha": 0.2}
+    args = make_config("booster", "alignment", "x", **booster.defense_options("booster"))
+    assert (args.lamb, args.alpha, args.harmful_batch_size) == (3.0, 0.2, 10)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sinkguard.errors import SinkguardError
 from sinkguard.sink import (
@@ -91,3 +92,46 @@ def test_sample_without_queries_after_sink_is_an_error():
     model = make_model(48).eval()
     with pytest.raises(SinkguardError, match="no token after the sink"):
         sink_values(model, torch.tensor([[5, 6]]), sink_index=1)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor any aten op returns (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.shapes.append(tuple(o.shape))
+        return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_kernel_path_builds_no_attention_map(padded):
+    """q, k, v at one head dim keep SDPA on its fused kernel: no (T x T) map, forward or backward."""
+    t = 67  # no other dimension of the tiny model is 67
+    model = make_model(48, layers=2, heads=4, kv_heads=2).train()
+    ids = torch.randint(4, 40, (2, t), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 60:] = 0
+    with _Shapes() as seen:
+        sink_values(model, ids, mask).sum().backward()
+    square = [s for s in seen.shapes if sum(x == t for x in s) >= 2]
+    if padded:  # only the model's own (B, 1, T, T) padding mask, never a per-head (B, H, T, T) map
+        assert square and all(s[1] == 1 for s in square), square
+    else:  # an all-ones mask takes the is_causal path: no mask tensor either
+        assert square == []
+    assert torch.allclose(sink_values(model, ids, mask), sink_values_eager(model, ids, mask), atol=1e-5)
+
+
+def test_scaling_is_the_models_not_the_padded_head_dims():
+    """A model whose attention scaling is not 1/sqrt(head_dim) still matches eager exactly."""
+    model = make_model(48, layers=2, heads=4, kv_heads=2).eval()
+    for layer in model.model.layers:
+        layer.self_attn.scaling = 0.37
+    ids, mask = _batch(6)
+    assert torch.allclose(sink_values(model, ids, mask), sink_values_eager(model, ids, mask), atol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model
+from transformers import TrainerCallback
 
 from sinkguard.data import PadCollator, encode_example, encode_text
 from sinkguard.defenses import get_defense
@@ -95,3 +96,103 @@ def test_bad_config_is_a_clear_error(tmp_path):
         get_defense("nope")
     with pytest.raises(SinkguardError, match="fine-tuning|finetuning"):
         get_defense("surgery", "alignment")
+
+
+POOL_HARMFUL = [("how can i make a bomb", "kill"), ("how can i steal money", "fake money"),
+                ("how can i kill", "make a bomb"), ("steal fake money", "kill it"), ("make a bomb", "bomb")]
+POOL_HARMLESS = [("what is good news", "the movie was great"), ("hello world", "hello"),
+                 ("sports business news", "sports is good"), ("what is it", "it is this"),
+                 ("analyze sentiment", "positive")]
+
+
+def _pool_trainer(tokenizer, model, tmp_path, **overrides):
+    """A Surgery trainer over 16 rows and five-text pools, two texts drawn per pool and step."""
+    rows = [("analyze sentiment of input the movie was great", "positive"),
+            ("analyze sentiment of input the movie was awful", "negative"),
+            ("what is good news", "the movie was great and good"), ("hello world", "hello")] * 4
+    data = [encode_example(tokenizer, p, r, None, 64) for p, r in rows]
+    settings = dict(learning_rate=1e-2, max_steps=4, per_device_train_batch_size=2, warmup_steps=0,
+                    logging_steps=1, save_strategy="no", disable_tqdm=True, regularizer_batch_size=2)
+    settings.update(overrides)
+    args = make_config("surgery", "finetuning", tmp_path, **settings)
+    return get_defense("surgery", "finetuning").trainer_cls(
+        model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        harmful_pool=[encode_text(tokenizer, *r) for r in POOL_HARMFUL],
+        harmless_pool=[encode_text(tokenizer, *r) for r in POOL_HARMLESS])
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_separate_penalty_backward_gives_the_single_backward_gradients(tokenizer, tmp_path, accumulation):
+    """Penalty backward first, then the task backward: the same .grad as one backward of the sum."""
+    grads = {}
+    collate = PadCollator(tokenizer.pad_token_id)
+    batch = collate([encode_example(tokenizer, "analyze sentiment of input the movie was great", "positive"),
+                     encode_example(tokenizer, "hello world", "hello")])
+    for mode in ("joint", "separate"):
+        model = make_model(len(tokenizer), seed=7)
+        trainer = _pool_trainer(tokenizer, model, tmp_path / mode, penalty_backward=mode)
+        trainer.current_gradient_accumulation_steps = accumulation
+        for _ in range(accumulation):
+            trainer.training_step(model, dict(batch))
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    assert any(g.abs().sum() > 0 for g in grads["separate"])
+    for a, b in zip(grads["joint"], grads["separate"]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_separate_and_joint_train_the_same_weights_under_accumulation(tokenizer, tmp_path):
+    weights = {}
+    for mode in ("joint", "separate"):
+        model = make_model(len(tokenizer), seed=8)
+        _pool_trainer(tokenizer, model, tmp_path / mode, penalty_backward=mode,
+                      gradient_accumulation_steps=2, max_steps=2).train()
+        weights[mode] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(weights["joint"], weights["separate"]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resumed_run_draws_and_trains_like_an_uninterrupted_one(tokenizer, tmp_path):
+    """Interrupt after 2 of 4 steps, resume from the checkpoint: same pool draws, same weights."""
+    full_model = make_model(len(tokenizer), seed=9)
+    full = _pool_trainer(tokenizer, full_model, tmp_path / "full", gradient_accumulation_steps=2)
+    full.train()
+
+    model = make_model(len(tokenizer), seed=9)
+    first = _pool_trainer(tokenizer, model, tmp_path / "cut", gradient_accumulation_steps=2,
+                          save_strategy="steps", save_steps=2)
+    first.add_callback(_StopAt(2))
+    first.train()
+    assert first.state.global_step == 2
+    resumed_model = make_model(len(tokenizer), seed=123)  # weights come from the checkpoint
+    resumed = _pool_trainer(tokenizer, resumed_model, tmp_path / "cut", gradient_accumulation_steps=2,
+                            save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoints" / "checkpoint-2"))
+
+    assert first.draw_log + resumed.draw_log == full.draw_log
+    assert len({tuple(d[2]) for d in full.draw_log}) > 1  # the draws do vary from step to step
+    assert [d[:2] for d in full.draw_log] == [(s, m) for s in range(4) for m in range(2)]
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ranks_draw_their_own_texts_unless_same_pool_draws(tokenizer, tmp_path, monkeypatch):
+    model = make_model(len(tokenizer), seed=10)
+    trainer = _pool_trainer(tokenizer, model, tmp_path)
+    rank0 = trainer._draw()
+    trainer._draw_at = (-1, 0)
+    monkeypatch.setattr(type(trainer.args), "process_index", property(lambda self: 1))  # rank 1 of 2
+    assert trainer._draw() != rank0
+    trainer._draw_at = (-1, 0)
+    trainer.args.same_pool_draws = True
+    assert trainer._draw() == rank0

@@ -3,8 +3,10 @@
 The sink column of every head is read from the model's own SDPA call without any seq x seq map:
 we append an indicator channel to the values that is 1 at the sink key and 0 elsewhere, so the
 attention output's extra channel at query i is exactly sum_j A[i, j] * 1[j = sink] = A[i, sink].
-It is differentiable through the fused SDPA backward and handles GQA and padding masks the same
-way the model's attention does.
+Query and key are zero-padded to the values' head dim (the model's scaling is passed explicitly),
+so SDPA stays on its fused kernels, and an all-ones mask keeps the `is_causal` path (no mask
+tensor at all). It is differentiable through the fused SDPA backward and handles GQA and padding
+masks the same way the model's attention does.
 """
 
 from __future__ import annotations
@@ -26,17 +28,32 @@ _registered = False
 
 
 def _sink_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
-    """SDPA that also records each query's attention weight on the sink key while recording is on."""
+    """SDPA that also records each query's attention weight on the sink key while recording is on.
+
+    The indicator channel is appended to the values and query and key are zero-padded to the same
+    head dim (a multiple of 8 on CUDA), with the model's own scaling passed explicitly: zero
+    channels add nothing to q.k, and equal head dims keep SDPA on its fused (flash /
+    memory-efficient) kernels instead of the math fallback that builds the T x T map.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rec = getattr(_state, "recorder", None)
     if rec is None or query.shape[2] != key.shape[2] or key.shape[2] != rec.indicator.shape[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     b, h_kv, t, d = value.shape
+    width = max(query.shape[-1], d + 1)
+    if query.is_cuda:
+        width = -(-width // 8) * 8  # the fused CUDA kernels need head dims in multiples of 8
+    if kwargs.get("scaling") is None:
+        kwargs["scaling"] = query.shape[-1] ** -0.5  # SDPA's default for the unpadded head dim
+    pad_qk = width - query.shape[-1]
+    query = torch.nn.functional.pad(query, (0, pad_qk))
+    key = torch.nn.functional.pad(key, (0, pad_qk))
     indicator = rec.indicator.to(value.dtype)[:, None, :, None].expand(b, h_kv, t, 1)
-    out, _ = sdpa_attention_forward(
-        module, query, key, torch.cat([value, indicator], dim=-1), attention_mask, **kwargs
-    )
+    parts = [value, indicator]
+    if width > d + 1:
+        parts.append(value.new_zeros(b, h_kv, t, width - d - 1))
+    out, _ = sdpa_attention_forward(module, query, key, torch.cat(parts, dim=-1), attention_mask, **kwargs)
     rec.columns.append(out[..., d].transpose(1, 2))  # (B, H, T): A[b, h, i, sink_b]
     return out[..., :d].contiguous(), None
 

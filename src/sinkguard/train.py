@@ -22,6 +22,7 @@ import torch
 from . import stamp
 from .data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example
 from .defenses import get_defense
+from .distributed import check_launch, check_trainer, has_accelerator
 from .errors import SinkguardError
 from .io import write_json
 from .models import load_model, load_tokenizer, resolve
@@ -44,7 +45,9 @@ def make_config(defense: str, stage: str, out_dir: str | os.PathLike, **override
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise SinkguardError(f"defense {defense!r} has no option(s) {', '.join(unknown)}")
-    base = dict(output_dir=str(Path(out_dir) / "checkpoints"), dataloader_pin_memory=torch.cuda.is_available())
+    base = dict(output_dir=str(Path(out_dir) / "checkpoints"), dataloader_pin_memory=torch.cuda.is_available(),
+                # else a CPU-only torchrun launch trains each process alone
+                use_cpu=not has_accelerator())
     try:
         return spec.config_cls(**{**base, **overrides})
     except (TypeError, ValueError) as exc:
@@ -153,6 +156,7 @@ def run_stage(
     """
     out = Path(out_dir)
     final = out / "model"
+    check_launch()
     spec = get_defense(defense, stage)
     args = make_config(defense, stage, out, **config_overrides)
     resolve(model_name)  # an unknown model fails here, before the folder is claimed
@@ -175,7 +179,9 @@ def run_stage(
         if "save_steps" in config_overrides:
             log.warning("keep_checkpoints=%d sets the checkpoint spacing: save_steps=%s ignored", keep_checkpoints,
                         config_overrides["save_steps"])
-        _keep_checkpoints(args, total, keep_checkpoints)
+        # Data-parallel processes share the rows: each runs about total / world_size steps.
+        steps = total if args.max_steps > 0 else max(1, math.ceil(total / max(1, args.world_size)))
+        _keep_checkpoints(args, steps, keep_checkpoints)
     elif "save_steps" not in config_overrides:
         args.save_steps = default_save_steps(total)
     model = load_model(model_name)
@@ -188,33 +194,42 @@ def run_stage(
         model=model, args=args, train_dataset=train_dataset,
         data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer, **extra,
     )
+    check_trainer(trainer)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded and lora is not None:
+        raise SinkguardError("merging a LoRA adapter of a sharded (FSDP / DeepSpeed) run is not supported; "
+                             "train LoRA under DDP, or full fine-tuning under FSDP / ZeRO-3")
     resume = last_checkpoint(out)
     if resume:
         log.info("resuming %s from %s", stage, resume)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     trained = trainer.model
-    if lora is not None:
-        tmp = out / ".adapter.tmp"
-        trained.save_pretrained(tmp, safe_serialization=True)
-        _replace_dir(tmp, out / "adapter")
-        trained = trained.merge_and_unload()
-    tmp = out / ".model.tmp"
-    trained.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, final)
-    write_json(out / "train_log.json", {
-        "stage": stage, "defense": defense, "model": str(model_name), **data_summary,
-        "lora": lora, "system_prompt": system_prompt, "wall_s": round(time.time() - start, 1),
-        "train_loss": result.training_loss, "settings": settings or {},
-        "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
-        "log_history": trainer.state.log_history,
-    })
-    if keep_checkpoints:
-        _drop_resume_state(out / "checkpoints")
-    else:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
-    stamp.finish(out, model="model", wall_s=round(time.time() - start, 1))
+    # Sharded engines: gather the full weights (a collective, so every rank takes part).
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    if trainer.is_world_process_zero():  # one writer; the other ranks wait at the barrier below
+        if lora is not None:
+            tmp = out / ".adapter.tmp"
+            trained.save_pretrained(tmp, safe_serialization=True)
+            _replace_dir(tmp, out / "adapter")
+            trained = trained.merge_and_unload()
+        tmp = out / ".model.tmp"
+        trained.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, final)
+        write_json(out / "train_log.json", {
+            "stage": stage, "defense": defense, "model": str(model_name), **data_summary,
+            "lora": lora, "system_prompt": system_prompt, "wall_s": round(time.time() - start, 1),
+            "train_loss": result.training_loss, "settings": settings or {}, "processes": args.world_size,
+            "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
+            "log_history": trainer.state.log_history,
+        })
+        if keep_checkpoints:
+            _drop_resume_state(out / "checkpoints")
+        else:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer states: GBs, no longer needed
+        stamp.finish(out, model="model", wall_s=round(time.time() - start, 1))
+    trainer.accelerator.wait_for_everyone()
     return final
 
 

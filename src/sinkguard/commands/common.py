@@ -41,6 +41,7 @@ def add_training_args(p: argparse.ArgumentParser, config_cls: type[TrainingStage
 
 def launch(config: TrainingStage, args: argparse.Namespace, rows: list[dict]) -> int:
     """Run one training stage from its typed config (shared by `align` and `finetune`)."""
+    from ..distributed import is_main_process
     from ..train import run_stage, stage_arguments
 
     defense = config.defenses[0]
@@ -52,5 +53,6 @@ def launch(config: TrainingStage, args: argparse.Namespace, rows: list[dict]) ->
                      overwrite=args.overwrite, allow_drop=getattr(config, "allow_drop", False),
                      keep_checkpoints=getattr(config, "keep_checkpoints", 0),
                      **stage_arguments(config, args.seed), **config.defense_options(defense))
-    print(f"{config.stage} done: model saved to {path}")
+    if is_main_process():
+        print(f"{config.stage} done: model saved to {path}")
     return 0

@@ -41,7 +41,13 @@ def render_plan(plan: list[dict], run_dir) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..distributed import world_size
+    from ..errors import SinkguardError
     from ..experiment import Experiment, ExperimentConfig
+
+    if world_size() > 1:
+        raise SinkguardError("`sinkguard run` runs in one process (its evaluation is not sharded); launch "
+                             "`sinkguard align` / `finetune` under torchrun or accelerate instead")
     from ..report import results_table, write_report
 
     config = ExperimentConfig.from_yaml(args.config)

@@ -27,7 +27,7 @@ from ..data import PadCollator, encode_example
 from ..data.formatting import IGNORE_INDEX
 from ..errors import SinkguardError
 from . import Defense, register
-from .booster import HarmfulSetConfig, HarmfulStepTrainer, flat_dot
+from .booster import QKV_TARGETS, HarmfulSetConfig, HarmfulStepTrainer, flat_dot
 from .sft import SFTConfig, SinkguardTrainer
 
 PAPER = ("Nguyen et al. 2026, Antibody: Strengthening Defense Against Harmful Fine-Tuning for Large Language "
@@ -60,6 +60,10 @@ class AntibodyAlignmentConfig(HarmfulSetConfig):
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (Booster's 0.1)"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (Booster's)"})
     warmup_steps: float = field(default=0, metadata={"help": "warm-up steps (Booster's: none)"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(QKV_TARGETS),
+        metadata={"help": "LoRA targets when aligning with LoRA (Booster's: q_proj, k_proj, v_proj)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

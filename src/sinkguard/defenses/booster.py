@@ -27,6 +27,8 @@ from .harmful import HarmfulBatches, harmful_rows
 from .sft import SFTConfig
 from .vaccine import _UNSUPPORTED_OPTIMIZERS, NORM_EPS, PerturbationTrainer, global_norm
 
+QKV_TARGETS = ("q_proj", "k_proj", "v_proj")
+
 
 @dataclass
 class HarmfulSetConfig(SFTConfig):
@@ -60,6 +62,10 @@ class BoosterConfig(HarmfulSetConfig):
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (official 0.1)"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (official constant)"})
     warmup_steps: float = field(default=0, metadata={"help": "warm-up steps (official: none)"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(QKV_TARGETS),
+        metadata={"help": "LoRA targets when aligning with LoRA (official: q_proj, k_proj, v_proj; r 32, alpha 4)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

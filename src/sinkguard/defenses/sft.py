@@ -37,6 +37,7 @@ class SFTConfig(TrainingArguments):
     save_total_limit: int | None = field(default=1, metadata={"help": "checkpoints kept"})
     report_to: str | list[str] | None = field(default="none", metadata={"help": "experiment trackers"})
     disable_tqdm: bool | None = field(default=False, metadata={"help": "hide the progress bar"})
+    seed: int = field(default=43, metadata={"help": "random seed (the CLI's and YAML's default)"})
 
 
 class SinkguardTrainer(Trainer):

@@ -54,15 +54,28 @@ class SurgeryConfig(SFTConfig):
     pool_max_length: int = field(default=512, metadata={"help": "token limit of pool texts (official 512)"})
     sink_impl: str = field(
         default="sdpa",
-        metadata={"help": "'sdpa': the sink column from SDPA with one extra value channel, one decoder "
-                  "forward per pool (same values, no attention maps); "
-                  "'eager': the official path, output_attentions and one forward per pool"},
+        metadata={"help": "'sdpa': sink column read from the fused SDPA call, decoder-only pool forwards "
+                  "(one per pool; same values, faster); 'eager': the official path, output_attentions "
+                  "and one full forward per pool"},
+    )
+    penalty_backward: str = field(
+        default="separate",
+        metadata={"help": "'separate': backward the penalty's pool passes and free them before the task "
+                  "pass (same gradients, peak memory max(task, pools) instead of their sum); 'joint': one "
+                  "backward of task loss + penalty, as the official code (always used under DeepSpeed)"},
+    )
+    same_pool_draws: bool = field(
+        default=False,
+        metadata={"help": "under multi-process training every rank draws the same pool texts (default: "
+                  "each rank draws its own, so the penalty averages over world_size x regularizer_batch_size)"},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sink_impl not in ("sdpa", "eager"):
             raise SinkguardError(f"sink_impl must be 'sdpa' or 'eager', not {self.sink_impl!r}")
+        if self.penalty_backward not in ("separate", "joint"):
+            raise SinkguardError(f"penalty_backward must be 'separate' or 'joint', not {self.penalty_backward!r}")
         if self.alpha < 0:
             raise SinkguardError(f"alpha must be >= 0, got {self.alpha}")
         if self.regularizer_batch_size < 1:
@@ -80,7 +93,8 @@ class SurgeryTrainer(SinkguardTrainer):
         self.harmless_pool = harmless_pool
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
         self._pad = PadCollator(pad)
-        self._draws = 0
+        self._draw_at = (-1, 0)  # (global step, micro-batch) of the next draw
+        self.draw_log: list[tuple[int, int, list[int], list[int]]] = []  # (step, micro, harmful, harmless)
 
     @classmethod
     def defense_inputs(cls, args: SurgeryConfig, tokenizer, data_root=None) -> dict:
@@ -95,40 +109,85 @@ class SurgeryTrainer(SinkguardTrainer):
     def _batch(self, rows: list[list[int]], device) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in self._pad([{"input_ids": ids} for ids in rows]).items()}
 
+    def _draw(self) -> tuple[list[int], list[int]]:
+        """Pool indices for this micro-batch, a function of (seed, global step, micro-batch, rank) only.
+
+        No running counter: a run resumed from a checkpoint at step k draws, from step k on, exactly
+        the texts the uninterrupted run drew.
+        """
+        step = self.state.global_step
+        micro = self._draw_at[1] if self._draw_at[0] == step else 0
+        self._draw_at = (step, micro + 1)
+        rank = 0 if self.args.same_pool_draws else self.args.process_index
+        rng = random.Random(f"surgery-draw/{self.args.seed}/{step}/{micro}/{rank}")
+        n = self.args.regularizer_batch_size
+        harmful = rng.sample(range(len(self.harmful_pool)), n)
+        harmless = rng.sample(range(len(self.harmless_pool)), n)
+        self.draw_log.append((step, micro, harmful, harmless))
+        return harmful, harmless
+
     def sink_divergence_step(self, model) -> torch.Tensor:
         """Tensor[L, H]: sink divergence on freshly drawn pool texts (differentiable)."""
-        # Seeded by step, so a resumed run draws the same texts as an uninterrupted one.
-        rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step * 101 + self._draws)
-        self._draws += 1
-        n, k = self.args.regularizer_batch_size, self.args.sink_index
-        harmful = rng.sample(self.harmful_pool, n)
-        harmless = rng.sample(self.harmless_pool, n)
+        harmful_idx, harmless_idx = self._draw()
+        harmful = [self.harmful_pool[i] for i in harmful_idx]
+        harmless = [self.harmless_pool[i] for i in harmless_idx]
+        k = self.args.sink_index
         device = next(model.parameters()).device
         if self.args.sink_impl == "eager":
             return sink_values_eager(model, **self._batch(harmful, device), sink_index=k) - sink_values_eager(
                 model, **self._batch(harmless, device), sink_index=k
             )
-        # One forward per group (no padding across groups), decoder only (no LM head).
+        # One forward per pool (no padding across pools), decoder only (no LM head).
         return sink_values(model, **self._batch(harmful, device), sink_index=k) - sink_values(
             model, **self._batch(harmless, device), sink_index=k
         )
+
+    def penalty(self, model) -> torch.Tensor:
+        """alpha * mean relu(divergence) on fresh pool texts, divided by the accumulation steps.
+
+        The division keeps the regulariser's weight independent of gradient accumulation, whether
+        or not the Trainer divides the task loss itself (it does not when the loss is already
+        normalised by the number of label tokens in the whole accumulated batch).
+        """
+        divergence = self.sink_divergence_step(model)
+        sink_loss = surgery_penalty(divergence)
+        self.record("sink_loss", sink_loss)
+        self.record("positive_heads", (divergence > 0).sum())
+        return self.args.alpha * sink_loss / self.current_gradient_accumulation_steps
+
+    def _separate_backward(self) -> bool:
+        # DeepSpeed's engine steps inside every backward: keep one backward per micro-batch there.
+        return self.args.penalty_backward == "separate" and not self.is_deepspeed_enabled
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Separate mode: the penalty's pool passes are backpropagated and freed before the task pass.
+
+        The two gradients add up in `.grad` exactly as one backward of their sum. Under DDP the pool
+        forwards bypass the DDP wrapper (decoder only), so their backward is not reduced on its own:
+        the task backward that follows (through DDP) all-reduces the accumulated gradient once, and
+        inside the Trainer's `no_sync` window for earlier micro-batches it reduces nothing.
+        """
+        if not (self.args.alpha > 0 and self._separate_backward()):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        with self.compute_loss_context_manager():
+            penalty = self.penalty(model)
+        self.accelerator.backward(penalty)
+        penalty = penalty.detach()  # frees the pool passes' graph before the task pass
+        return super().training_step(model, inputs, num_items_in_batch) + penalty
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = out if return_outputs else (out, None)
         self.record("task_loss", loss)
-        if self.args.alpha > 0 and model.training:
-            divergence = self.sink_divergence_step(model)
-            sink_loss = surgery_penalty(divergence)
-            self.record("sink_loss", sink_loss)
-            self.record("positive_heads", (divergence > 0).sum())
-            penalty = self.args.alpha * sink_loss
+        if self.args.alpha > 0 and model.training and not self._separate_backward():
+            penalty = self.penalty(model)
             scaled = getattr(self, "loss_is_scaled_for_ga", None)
             if scaled is None:
-                scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            if scaled:
-                # Trainer will not divide this loss by the accumulation steps: do it for the penalty.
-                penalty = penalty / self.current_gradient_accumulation_steps
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                    self.compute_loss_func is not None)
+            if not scaled:  # Trainer divides the whole loss by the accumulation steps: undo it for the penalty
+                penalty = penalty * self.current_gradient_accumulation_steps
             loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
 

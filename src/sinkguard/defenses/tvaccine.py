@@ -71,6 +71,12 @@ class TVaccineConfig(VaccineConfig):
 class TVaccineTrainer(PerturbationTrainer):
     """T-Vaccine: gradient-norm layer scoring, sampled active layers, perturbation on those only."""
 
+    multiprocess_unsupported = (
+        "it freezes and unfreezes layers (requires_grad) every few steps and runs the others under "
+        "reentrant checkpointing, while DDP fixes its gradient buckets and hooks when it wraps the model "
+        "(the gradients of re-frozen layers are left undefined); train it in one process"
+    )
+
     def __init__(self, *args, harmful_set: list[dict], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not harmful_set:
