@@ -24,6 +24,7 @@ from .data.formatting import DEFAULT_SYSTEM_PROMPT
 from .errors import SinkguardError
 
 TEMPLATES = ("chat", "alpaca")
+LOCAL_JUDGE = "local"  # `judge:` value of the trained CPU judge (evaluate.judge.load_judge)
 MATCH_MODES = ("contains", "exact", "first")
 # TrainingArguments fields set from a stage's own keys: an option may not set them.
 STAGE_KEYS = {
@@ -64,6 +65,12 @@ def _attacks() -> tuple[str, ...]:
     from .data.mixing import ATTACKS
 
     return ATTACKS
+
+
+def _dtypes() -> list[str]:
+    from .plan import BYTES
+
+    return list(BYTES)
 
 
 def _defenses(stage: str):
@@ -335,6 +342,8 @@ class TrainingStage:
                                         flag="--system-prompt")
     options: dict[str, dict[str, Any]] = setting(help="per-defense options {defense: {key: value}}",
                                                  factory=dict)
+    dtype: str = setting("float32", help="dtype the model's weights are loaded in for training (the official "
+                         "scripts' torch_dtype; mixed precision is the option bf16: true)", choices=_dtypes)
 
     def check(self, section: str, label) -> None:
         """Names and options: each defense valid at this stage, each option valid for its defense."""
@@ -444,15 +453,19 @@ class EvaluationConfig:
     analyze_samples: int = setting(16, help="texts per group for the sink analysis (0: skip)", lo=0)
     evaluate_base: bool = setting(True, help="also evaluate the model before alignment")
     evaluate_aligned: bool = setting(True, help="also evaluate each aligned model before fine-tuning")
+    judge: str = setting(LOCAL_JUDGE, help="harmfulness judge: 'local' (the trained CPU judge), a hub "
+                         "moderation model (PKU-Alignment/beaver-dam-7b as the papers, GPU) or a folder "
+                         "written by `sinkguard judge train`")
 
     # Settings that change only the verdicts on cached answers, not the answers (kept out of the
     # evaluation folder's hash, so a new judge or correction source re-scores without generating).
-    VERDICT_ONLY: ClassVar[tuple[str, ...]] = ("correction_source",)
+    VERDICT_ONLY: ClassVar[tuple[str, ...]] = ("correction_source", "judge")
 
     def check(self, section: str, label) -> None:
         if self.template == "alpaca" and self.system_prompt:
             raise SinkguardError(f"{label('system_prompt')} needs template chat (the Alpaca prompt has no "
                                  "system turn)")
+        check_judge(self.judge, label("judge"))
 
     def generation_settings(self) -> dict[str, Any]:
         """The settings the cached answers depend on (everything but `VERDICT_ONLY`): the folder's hash."""
@@ -467,6 +480,19 @@ class EvaluationConfig:
         if self.system_prompt is not None:
             return self.system_prompt or None
         return None if self.template == "alpaca" else DEFAULT_SYSTEM_PROMPT
+
+
+def check_judge(judge: str, label: str) -> None:
+    """`judge` is 'local', a known hub moderation model or a trained judge folder; else one clear error."""
+    from pathlib import Path
+
+    from .evaluate.judge_hub import HUB_JUDGES
+    from .evaluate.judge_model import META_FILE
+
+    if judge == LOCAL_JUDGE or judge in HUB_JUDGES or (Path(judge).expanduser() / META_FILE).is_file():
+        return
+    raise SinkguardError(f"{label}: unknown judge {judge!r}; valid: {LOCAL_JUDGE}, {', '.join(HUB_JUDGES)}, "
+                         "or a folder written by `sinkguard judge train`")
 
 
 STAGE_CONFIGS = {"alignment": AlignmentConfig, "finetuning": FinetuningConfig,

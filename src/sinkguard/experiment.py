@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .config import (
+    LOCAL_JUDGE,
     AlignmentConfig,
     EvaluationConfig,
     FinetuningConfig,
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = {"alignment": AlignmentConfig, "finetuning": FinetuningConfig,
             "post_finetuning": PostFinetuningConfig, "evaluation": EvaluationConfig}
-TOP_KEYS = ("name", "model", "seeds", "data_root", *SECTIONS)
+TOP_KEYS = ("name", "model", "seeds", "data_root", "hub_datasets", *SECTIONS)
 
 
 @dataclass
@@ -44,13 +45,15 @@ class ExperimentConfig:
     """A study: the model, seeds, and the typed settings of each stage (see configs/*.yaml).
 
     Sections may be given as mappings (YAML); they are validated into their dataclasses at once.
-    `alignment: null` skips alignment (the model is fine-tuned as given).
+    `alignment: null` skips alignment (the model is fine-tuned as given). `hub_datasets`: hub
+    datasets (`data.sources.HUB_IDS`, e.g. openai/gsm8k) read from the hub instead of the data root.
     """
 
     name: str = "experiment"
     model: str = "smollm2-135m-instruct"
     seeds: list[int] = field(default_factory=lambda: [43])
     data_root: str | None = None
+    hub_datasets: list[str] = field(default_factory=list)
     alignment: AlignmentConfig | None = field(default_factory=AlignmentConfig)
     finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
     post_finetuning: PostFinetuningConfig = field(default_factory=PostFinetuningConfig)
@@ -61,6 +64,10 @@ class ExperimentConfig:
         self.model = coerce(self.model, str, "model")
         self.seeds = coerce(self.seeds, list[int], "seeds")
         self.data_root = coerce(self.data_root, str | None, "data_root")
+        self.hub_datasets = coerce(self.hub_datasets, list[str], "hub_datasets")
+        from .data.sources import check_hub_datasets
+
+        check_hub_datasets(self.hub_datasets)
         if not self.seeds:
             raise SinkguardError("seeds must list at least one seed, e.g. seeds: [43]")
         for name, cls in SECTIONS.items():
@@ -108,11 +115,12 @@ def stage_hash(*parts: Any) -> str:
 def _stage_settings(stage, defense: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """A training stage's settings for one defense: its keys (less lists it loops over) and that defense's options.
 
-    `keep_checkpoints` counts only when set (it keeps checkpoints, the model is the same), so
-    stages without it keep the hashes they had before the option existed.
+    `keep_checkpoints` counts only when set (it keeps checkpoints, the model is the same), and
+    `dtype` only when not float32, so stages keep the hashes they had before these keys existed.
     """
     settings = {k: v for k, v in dataclasses.asdict(stage).items()
-                if k not in ("defenses", "options", *skip) and not (k == "keep_checkpoints" and not v)}
+                if k not in ("defenses", "options", *skip) and not (k == "keep_checkpoints" and not v)
+                and not (k == "dtype" and v == "float32")}
     return {**settings, "defense": defense, "options": stage.defense_options(defense)}
 
 
@@ -156,14 +164,16 @@ class Experiment:
                           "record": {"alignment": aligner, "defense": label, "post": post_name, "task": task,
                                      "poison_ratio": p, "seed": seed}})
 
-        base = {"folder": cfg.model, "hash": stage_hash(cfg.model)}
+        # Hub data changes every stage's inputs; without it the hashes are the ones from before the key.
+        origin = [cfg.model, sorted(cfg.hub_datasets)] if cfg.hub_datasets else cfg.model
+        base = {"folder": cfg.model, "hash": stage_hash(origin)}
         for seed in cfg.seeds:
             aligners = a.defenses if a is not None else ["none"]
             for aligner in aligners:
                 aligned = base
                 if a is not None:
                     settings = _stage_settings(a, aligner)
-                    h = stage_hash("alignment", cfg.model, settings, seed)
+                    h = stage_hash("alignment", origin, settings, seed)
                     aligned = {"stage": "alignment", "folder": f"stages/align-{aligner}-{h}", "from": cfg.model,
                                "hash": h, "defense": aligner, "seed": seed, "settings": settings,
                                "steps": planned_steps(a.samples, a.batch_size, a.grad_accum, a.epochs, a.max_steps)}
@@ -204,7 +214,7 @@ class Experiment:
         rows = alignment_dataset(a.samples, cfg.data_root)
         lora = dataclasses.asdict(a.lora) if a.lora else None
         path = run_stage("alignment", job["defense"], cfg.model, rows, self.run_dir / job["folder"], lora=lora,
-                         system_prompt=a.system_prompt or None, data_root=cfg.data_root,
+                         system_prompt=a.system_prompt or None, data_root=cfg.data_root, dtype=a.dtype,
                          settings={"seed": job["seed"], **job["settings"]}, overwrite=self.overwrite,
                          **stage_arguments(a, job["seed"]), **job["settings"]["options"])
         return str(path)
@@ -218,7 +228,7 @@ class Experiment:
         rows = poisoned_dataset(job["task"], f.samples, job["poison_ratio"], f.attack, job["seed"], cfg.data_root)
         lora = dataclasses.asdict(f.lora) if f.lora else None
         path = run_stage("finetuning", job["defense"], base, rows, self.run_dir / job["folder"], lora=lora,
-                         system_prompt=f.system_prompt or None, data_root=cfg.data_root,
+                         system_prompt=f.system_prompt or None, data_root=cfg.data_root, dtype=f.dtype,
                          settings={"task": job["task"], "poison_ratio": job["poison_ratio"], "seed": job["seed"],
                                    **job["settings"]},
                          overwrite=self.overwrite, allow_drop=f.allow_drop, keep_checkpoints=f.keep_checkpoints,
@@ -246,9 +256,16 @@ class Experiment:
         e = self.config.evaluation
         out = self.run_dir / "stages" / f"eval-{eval_hash(model_hash, task, e)}"
         if self.judge is None:
-            from .evaluate.judge import load_judge
+            from .data.sources import hub_sources
+            from .evaluate.judge import Judge, load_judge
+            from .evaluate.judge_hub import HUB_JUDGES
 
-            self.judge = load_judge(auto_train=True, root=self.config.data_root)
+            if e.judge in HUB_JUDGES:
+                self.judge = Judge.from_hub(e.judge)
+            else:
+                with hub_sources(()):  # a local judge trains on the data root's labelled splits
+                    self.judge = load_judge(auto_train=True, path=None if e.judge == LOCAL_JUDGE else e.judge,
+                                            root=self.config.data_root)
         exclude = []
         if task == "alpaca" and e.benign_limit:  # its train rows may be fine-tuned on
             from .data import load_source
@@ -261,6 +278,12 @@ class Experiment:
     # ------------------------------------------------------------------ flow
     def run(self) -> dict:
         """Run (or resume) every stage of the plan; write and return `results.json`."""
+        from .data.sources import hub_sources
+
+        with hub_sources(self.config.hub_datasets):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
         jobs = self.plan()
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,9 @@ def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_le
     When rows carry `harmful`, dropping changes the poison ratio: the real one is reported, and a
     change of more than 0.02 is an error unless `allow_drop`.
     """
+    if not getattr(tokenizer, "chat_template", None):
+        raise SinkguardError("the model's tokenizer has no chat template, which sinkguard formats training rows "
+                             "with; use a model that ships one (an -Instruct / -chat model)")
     out, kept = [], []
     for r in rows:
         ex = encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length)
@@ -145,9 +148,11 @@ def run_stage(
     overwrite: bool = False,
     allow_drop: bool = False,
     keep_checkpoints: int = 0,
+    dtype: str = "float32",
     **config_overrides,
 ) -> Path:
-    """Train `model_name` on `rows` with `defense`; return the saved model directory `out/model`.
+    """Train `model_name` on `rows` with `defense`, its weights loaded in `dtype`; return the saved model
+    directory `out/model`.
 
     Rerunning on the same `out_dir` with the same settings and inputs resumes from the last
     checkpoint, or reuses a finished run; other settings are an error unless `overwrite`.
@@ -165,6 +170,7 @@ def run_stage(
     record = {"stage": stage, "defense": defense, "model": str(model_name), "lora": lora,
               "system_prompt": system_prompt, "allow_drop": allow_drop,
               **({"keep_checkpoints": keep_checkpoints} if keep_checkpoints else {}),
+              **({"dtype": dtype} if dtype != "float32" else {}),  # float32 runs keep their earlier records
               **{k: v for k, v in sorted(config_overrides.items())}}
     inputs = {"rows": stamp.digest(rows), "model": stamp.path_fingerprint(model_name)}
     done = stamp.claim(out, record, inputs, STAGE_OUTPUTS, overwrite)
@@ -184,7 +190,7 @@ def run_stage(
         _keep_checkpoints(args, steps, keep_checkpoints)
     elif "save_steps" not in config_overrides:
         args.save_steps = default_save_steps(total)
-    model = load_model(model_name)
+    model = load_model(model_name, dtype=dtype)
     if lora is not None:
         from peft import get_peft_model
 

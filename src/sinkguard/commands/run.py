@@ -15,7 +15,11 @@ def register(sub) -> None:
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<name>)")
     p.add_argument("--data-root", default=None, help="overrides the config's data_root")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and print the stages that would run; loads no model, downloads nothing")
+                   help="validate the config and print the stages that would run, their step counts and an estimate "
+                        "of memory per device and tokens; loads no model, downloads nothing")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="(dry run) estimate memory per device with full fine-tuning sharded over N devices "
+                        "(FSDP full shard / ZeRO-3; LoRA runs under DDP, unsharded) (default 1)")
     add_overwrite(p)
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
     p.set_defaults(func=run)
@@ -38,6 +42,54 @@ def render_plan(plan: list[dict], run_dir) -> str:
     return "\n".join(lines)
 
 
+def _count(n: float) -> str:
+    """A token count in words: 5.12M, 1.3B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def render_estimates(config, plan: list[dict], devices: int = 1) -> str:
+    """Memory per device and tokens of each training stage of `plan` (one line pair per stage and
+    defense), from the shipped size facts of `config.model` (`sinkguard.plan`)."""
+    from ..plan import PAPER_MODELS, find_facts, stage_estimate
+
+    facts = find_facts(config.model)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for job in plan:
+        if job.get("steps"):
+            groups.setdefault((job["stage"], job["defense"]), []).append(job)
+    if facts is None:
+        head = (f"estimates: no size facts for {config.model!r} (shipped: {', '.join(PAPER_MODELS)}; a local model "
+                "folder or a cached hub model also works), so memory is not estimated; tokens are upper bounds:")
+    else:
+        shard = f"full fine-tuning sharded over {devices} devices" if devices > 1 else "one device"
+        head = (f"estimates ({config.model}: {facts.params() / 1e9:.2f}B parameters; memory per device, {shard}; "
+                "upper bounds: every example at its token limit):")
+    lines = [head]
+    if facts is not None and facts.chat_template is False:
+        lines.append(f"  warning: {config.model}'s tokenizer ships no chat template, which sinkguard formats "
+                     "training rows with: the run stops at its first training stage")
+    total = 0
+    for (stage_name, defense), jobs in groups.items():
+        stage = getattr(config, stage_name)
+        est = stage_estimate(facts, stage, defense, jobs[0]["steps"], devices)
+        total += est["tokens"] * len(jobs)  # a stage's runs share its settings, hence its step count
+        accum = f" x {est['grad_accum']} accumulated" if est["grad_accum"] > 1 else ""
+        lines.append(f"  {stage_name} {defense} ({len(jobs)} run{'s' if len(jobs) > 1 else ''}): {jobs[0]['steps']} "
+                     f"steps of {est['batch']} x <= {est['max_length']} tokens{accum}"
+                     f"{' ' + est['note'] if est['note'] else ''}; {est['lora']}, {stage.dtype}")
+        mem = est["memory"]
+        memory = "memory not estimated" if mem is None else (
+            f"memory ~ {mem['total']:.1f} GiB (weights {mem['weights']:.1f}, gradients {mem['gradients']:.1f}, "
+            f"AdamW {mem['optimizer']:.1f}" + (f", defense copies {mem['copies']:.1f}" if mem["copies"] else "")
+            + f", activations {mem['activations']:.1f})")
+        lines.append(f"    {memory}; tokens <= {_count(est['tokens'])} per run")
+    lines.append(f"  training tokens in all <= {_count(total)}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -56,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     experiment = Experiment(config, run_dir, overwrite=args.overwrite)
     if args.dry_run:
-        print(render_plan(experiment.plan(), run_dir))
+        if args.devices < 1:
+            raise SinkguardError(f"--devices must be >= 1, got {args.devices}")
+        plan = experiment.plan()
+        print(render_plan(plan, run_dir))
+        print(render_estimates(config, plan, args.devices))
         return 0
     results = experiment.run()
     print(results_table(results))

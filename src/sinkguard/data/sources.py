@@ -6,13 +6,14 @@ have `label` (the gold answer used by the accuracy parsers); red-team sets have 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import SinkguardError
@@ -196,36 +197,78 @@ DEFAULT_SPLIT.update(
 
 
 # ---------------------------------------------------------------- hub readers (users online)
+# The canonical hub dataset of each named source that has one (what a study's `hub_datasets` names).
+HUB_IDS = {"beavertails": "PKU-Alignment/BeaverTails", "sst2": "stanfordnlp/sst2", "agnews": "fancyzhx/ag_news",
+           "gsm8k": "openai/gsm8k", "alpaca": "tatsu-lab/alpaca"}
+_from_hub: frozenset[str] = frozenset()  # sources read from the hub inside `hub_sources`
+
+
+def check_hub_datasets(hub_ids: Iterable[str], label: str = "hub_datasets") -> None:
+    """Every id must be a hub dataset with a reader here (`HUB_IDS`); else one clear error."""
+    for hub_id in hub_ids:
+        if hub_id not in HUB_IDS.values():
+            raise SinkguardError(f"{label}: unknown {hub_id!r}; valid: {', '.join(HUB_IDS.values())}")
+
+
+@contextlib.contextmanager
+def hub_sources(hub_ids: Iterable[str]) -> Iterator[None]:
+    """Inside the block, every source whose hub dataset is in `hub_ids` (see `HUB_IDS`) is read from the
+    hub, and only those (`hub_sources(())` reads everything from the data root)."""
+    global _from_hub
+    ids = set(hub_ids)
+    check_hub_datasets(ids)
+    previous, _from_hub = _from_hub, frozenset(n for n, hub_id in HUB_IDS.items() if hub_id in ids)
+    try:
+        yield
+    finally:
+        _from_hub = previous
+
+
 def _hub(name: str, split: str) -> list[dict]:
     """The canonical hub datasets the papers use; needs internet and the `datasets` package."""
     from datasets import load_dataset
 
     if name == "beavertails":
         hub_split = {"train": "30k_train", "test": "30k_test"}.get(split, split)
-        ds = load_dataset("PKU-Alignment/BeaverTails", split=hub_split)
+        ds = load_dataset(HUB_IDS[name], split=hub_split)
         return [{"prompt": r["prompt"], "response": r["response"], "is_safe": r["is_safe"],
                  "split": split} for r in ds]
     if name == "sst2":
-        ds = load_dataset("stanfordnlp/sst2", split={"test": "validation"}.get(split, split))
+        ds = load_dataset(HUB_IDS[name], split={"test": "validation"}.get(split, split))
         return [_sst2_row(r["sentence"], r["label"]) for r in ds]
     if name == "agnews":
-        ds = load_dataset("fancyzhx/ag_news", split=split)
+        ds = load_dataset(HUB_IDS[name], split=split)
         names = ["World", "Sports", "Business", "Sci/Tech"]
         return [_agnews_row(r["text"], names[r["label"]]) for r in ds]
     if name == "gsm8k":
-        return [_gsm8k_row(r["question"], r["answer"]) for r in load_dataset("openai/gsm8k", "main", split=split)]
+        return [_gsm8k_row(r["question"], r["answer"]) for r in load_dataset(HUB_IDS[name], "main", split=split)]
     if name == "alpaca":
-        ds = load_dataset("tatsu-lab/alpaca", split="train")
+        ds = load_dataset(HUB_IDS[name], split="train")
         return [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
                  "response": r["output"], "label": r["output"]} for r in ds]
     raise SinkguardError(f"{name} has no hub source; put its file under the data root")
+
+
+@functools.lru_cache(maxsize=16)
+def _load_hub(name: str, split: str) -> tuple[dict, ...]:
+    """Read once per process (a grid reads the same sets many times); a failed download is one clear error."""
+    try:
+        rows = _hub(name, split)
+    except SinkguardError:
+        raise
+    except Exception as exc:  # datasets raises many kinds (offline, missing, gated, not installed)
+        raise SinkguardError(f"hub dataset {HUB_IDS.get(name, name)} ({name}, split {split}) could not be "
+                             f"loaded; it needs internet and the datasets package ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]})") from None
+    return tuple(_validate(name, rows))
 
 
 def load_source(
     name: str, split: str | None = None, root: str | os.PathLike | None = None, hub: bool = False,
     keep_eval_prompts: bool = False,
 ) -> list[dict]:
-    """Rows of a named source (see `LOCAL`), from the data root, or from the hub if `hub`.
+    """Rows of a named source (see `LOCAL`), from the data root, or from the hub if `hub` (or inside
+    `hub_sources` naming its hub dataset).
 
     A `train` split never holds a prompt the harmful score is evaluated on: rows whose normalised
     prompt is in any set of `HARMFUL_EVAL_SETS` are dropped (`keep_eval_prompts=True` keeps
@@ -235,8 +278,8 @@ def load_source(
     if name not in LOCAL:
         raise SinkguardError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOCAL))}")
     split = split or DEFAULT_SPLIT[name]
-    if hub:
-        rows = _validate(name, _hub(name, split))
+    if hub or name in _from_hub:
+        rows = list(_load_hub(name, split))
         if split == "train" and not keep_eval_prompts:
             index = eval_prompt_index(str(data_root(root))) if _has_root(root) else {}
             rows = [r for r in rows if normalize_prompt(r["prompt"]) not in index]

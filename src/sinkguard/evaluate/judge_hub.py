@@ -26,6 +26,9 @@ def check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
 
 
 HUB_PROMPT = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"  # Beaver-Dam's QA format
+# Hub moderation models a study config may name as its judge (`evaluation.judge`): the papers'
+# Beaver-Dam-7B (every official eval_sentiment.py) and Llama Guard 3 (Surgery's eval_sentiment_llamaguard.py).
+HUB_JUDGES = ("PKU-Alignment/beaver-dam-7b", "meta-llama/Llama-Guard-3-8B")
 
 
 class HubJudge:
