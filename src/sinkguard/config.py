@@ -255,7 +255,8 @@ def option_fields(defense: str, stage: str) -> dict[str, dataclasses.Field]:
     from .defenses import get_defense
 
     spec = get_defense(defense, stage)
-    return {f.name: f for f in dataclasses.fields(spec.config_cls) if f.init and f.name not in STAGE_KEYS}
+    own = () if spec.trainer_cls is None else STAGE_KEYS  # a post-fine-tuning defense has no stage settings
+    return {f.name: f for f in dataclasses.fields(spec.config_cls) if f.init and f.name not in own}
 
 
 def _own_fields(defense: str, stage: str) -> list[str]:
@@ -277,7 +278,7 @@ def check_options(defense: str, stage: str, options: Any, from_text: bool = Fals
     hints = _hints(spec.config_cls)
     out = {}
     for key, value in options.items():
-        if key in STAGE_KEYS:
+        if key in STAGE_KEYS and spec.trainer_cls is not None:
             raise SinkguardError(f"{defense} option {key!r} is a stage setting: set {STAGE_KEYS[key]} instead")
         if key not in valid:
             own = _own_fields(defense, stage) if spec.trainer_cls is not None else list(valid)

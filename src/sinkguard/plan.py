@@ -126,7 +126,7 @@ def find_facts(name: str) -> ModelFacts | None:
 
 def memory_per_device(facts: ModelFacts, *, dtype: str = "bfloat16", batch: int = 1, seq: int = 512,
                       lora_r: int | None = None, lora_targets: tuple[str, ...] = (), shards: int = 1,
-                      extra_tokens: int = 0, copies: int = 0) -> dict[str, float]:
+                      extra_tokens: int = 0, copies: int = 0, activation_dtype: str | None = None) -> dict[str, float]:
     """GiB per device: weights, gradients, AdamW states, a defense's copies, activations, total.
 
     Full fine-tuning trains the weights in `dtype` (torch's AdamW keeps its two moments in the
@@ -137,10 +137,12 @@ def memory_per_device(facts: ModelFacts, *, dtype: str = "bfloat16", batch: int 
     `batch` x `seq` tokens through every layer (`activations_per_token`) plus the LM head's logits
     in `dtype`, their float32 log-softmax and its gradient; `extra_tokens` are tokens of extra
     decoder passes held for the same backward (e.g. Surgery's pools under penalty_backward='joint').
+    `activation_dtype`: the activations' dtype when mixed precision computes in another (bf16: true).
     """
-    if dtype not in BYTES:
-        raise SinkguardError(f"dtype must be one of {', '.join(BYTES)}, not {dtype!r}")
-    b = BYTES[dtype]
+    for name in (dtype, activation_dtype or dtype):
+        if name not in BYTES:
+            raise SinkguardError(f"dtype must be one of {', '.join(BYTES)}, not {name!r}")
+    b, ab = BYTES[dtype], BYTES[activation_dtype or dtype]
     total = facts.params()
     if lora_r:
         trainable, tb, shards = facts.lora_params(lora_r, lora_targets), 4, 1
@@ -150,8 +152,8 @@ def memory_per_device(facts: ModelFacts, *, dtype: str = "bfloat16", batch: int 
         weights = total * b / shards
     state = trainable * tb / shards
     tokens = batch * seq
-    per_layer = facts.activations_per_token() * facts.num_hidden_layers * b
-    activations = (tokens + extra_tokens) * per_layer + tokens * facts.vocab_size * (b + 8)
+    per_layer = facts.activations_per_token() * facts.num_hidden_layers * ab
+    activations = (tokens + extra_tokens) * per_layer + tokens * facts.vocab_size * (ab + 8)
     out = {"weights": weights, "gradients": state, "optimizer": 2 * state, "copies": copies * state,
            "activations": activations}
     out = {k: v / GIB for k, v in out.items()}
@@ -179,7 +181,7 @@ def step_cost(defense: str, stage: str, args: Any, tokens: int) -> StepCost:
         return StepCost(tokens + pools, held, 0, f"+ 2 pool passes of {args.regularizer_batch_size} x "
                         f"<= {args.pool_max_length} tokens ({args.penalty_backward} backward)")
     if defense in ("vaccine", "tvaccine"):
-        return StepCost(2 * tokens, note="2 passes of the batch (perturbation)")
+        return StepCost(2 * tokens, note="+ a second pass of the batch (perturbation)")
     if defense == "lisa":
         return StepCost(tokens, copies=1, note="+ the anchor copy")
     if defense == "repnoise":
@@ -205,11 +207,13 @@ def stage_estimate(facts: ModelFacts | None, stage: Any, defense: str, steps: in
     tokens = args.per_device_train_batch_size * args.max_length
     cost = step_cost(defense, stage.stage, args, tokens)
     targets = tuple(getattr(args, "lora_target_modules", None) or LORA_TARGETS)
+    mixed = "bfloat16" if getattr(args, "bf16", False) else "float16" if getattr(args, "fp16", False) else None
     memory = None if facts is None else memory_per_device(
         facts, dtype=stage.dtype, batch=args.per_device_train_batch_size, seq=args.max_length,
         lora_r=stage.lora.r if stage.lora else None, lora_targets=targets, shards=devices,
-        extra_tokens=cost.held, copies=cost.copies)
+        extra_tokens=cost.held, copies=cost.copies, activation_dtype=mixed)
     return {"memory": memory, "tokens": steps * args.gradient_accumulation_steps * cost.processed,
             "batch": args.per_device_train_batch_size, "max_length": args.max_length,
             "grad_accum": args.gradient_accumulation_steps, "note": cost.note,
-            "lora": f"LoRA r {stage.lora.r} on {', '.join(targets)}" if stage.lora else "full fine-tuning"}
+            "lora": f"LoRA r {stage.lora.r} on {', '.join(targets)}" if stage.lora else "full fine-tuning",
+            "precision": f"{stage.dtype} weights" + (f", {mixed} autocast" if mixed and mixed != stage.dtype else "")}

@@ -66,7 +66,7 @@ def render_estimates(config, plan: list[dict], devices: int = 1) -> str:
     else:
         shard = f"full fine-tuning sharded over {devices} devices" if devices > 1 else "one device"
         head = (f"estimates ({config.model}: {facts.params() / 1e9:.2f}B parameters; memory per device, {shard}; "
-                "upper bounds: every example at its token limit):")
+                "steps of one process; upper bounds: every example at its token limit):")
     lines = [head]
     if facts is not None and facts.chat_template is False:
         lines.append(f"  warning: {config.model}'s tokenizer ships no chat template, which sinkguard formats "
@@ -77,9 +77,10 @@ def render_estimates(config, plan: list[dict], devices: int = 1) -> str:
         est = stage_estimate(facts, stage, defense, jobs[0]["steps"], devices)
         total += est["tokens"] * len(jobs)  # a stage's runs share its settings, hence its step count
         accum = f" x {est['grad_accum']} accumulated" if est["grad_accum"] > 1 else ""
+        ddp = " (unsharded: LoRA runs under DDP)" if devices > 1 and stage.lora else ""
         lines.append(f"  {stage_name} {defense} ({len(jobs)} run{'s' if len(jobs) > 1 else ''}): {jobs[0]['steps']} "
                      f"steps of {est['batch']} x <= {est['max_length']} tokens{accum}"
-                     f"{' ' + est['note'] if est['note'] else ''}; {est['lora']}, {stage.dtype}")
+                     f"{' ' + est['note'] if est['note'] else ''}; {est['lora']}{ddp}, {est['precision']}")
         mem = est["memory"]
         memory = "memory not estimated" if mem is None else (
             f"memory ~ {mem['total']:.1f} GiB (weights {mem['weights']:.1f}, gradients {mem['gradients']:.1f}, "
