@@ -158,7 +158,7 @@ def memory_per_device(facts: ModelFacts, *, dtype: str = "bfloat16", batch: int 
            "activations": activations}
     out = {k: v / GIB for k, v in out.items()}
     out["total"] = sum(out.values())
-    return {k: round(v, 2) for k, v in out.items()}
+    return out
 
 
 @dataclass(frozen=True)

@@ -78,13 +78,13 @@ def render_estimates(config, plan: list[dict], devices: int = 1) -> str:
         total += est["tokens"] * len(jobs)  # a stage's runs share its settings, hence its step count
         accum = f" x {est['grad_accum']} accumulated" if est["grad_accum"] > 1 else ""
         ddp = " (unsharded: LoRA runs under DDP)" if devices > 1 and stage.lora else ""
-        lines.append(f"  {stage_name} {defense} ({len(jobs)} run{'s' if len(jobs) > 1 else ''}): {jobs[0]['steps']} "
+        lines.append(f"  - {stage_name} {defense} ({len(jobs)} run{'s' if len(jobs) > 1 else ''}): {jobs[0]['steps']} "
                      f"steps of {est['batch']} x <= {est['max_length']} tokens{accum}"
                      f"{' ' + est['note'] if est['note'] else ''}; {est['lora']}{ddp}, {est['precision']}")
         mem = est["memory"]
         memory = "memory not estimated" if mem is None else (
             f"memory ~ {mem['total']:.1f} GiB (weights {mem['weights']:.1f}, gradients {mem['gradients']:.1f}, "
-            f"AdamW {mem['optimizer']:.1f}" + (f", defense copies {mem['copies']:.1f}" if mem["copies"] else "")
+            f"AdamW {mem['optimizer']:.1f}" + (f", defense copies {mem['copies']:.1f}" if mem["copies"] >= 0.05 else "")
             + f", activations {mem['activations']:.1f})")
         lines.append(f"    {memory}; tokens <= {_count(est['tokens'])} per run")
     lines.append(f"  training tokens in all <= {_count(total)}")
