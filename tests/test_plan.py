@@ -67,29 +67,55 @@ TINY = ModelFacts(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num
 
 def test_memory_of_a_tiny_model_by_hand():
     """Parameters: embeddings 256 + LM head 256 + 2 layers x (attention 128 + 64, MLP 384, norms 16)
-    + final norm 8 = 1,704. Activations per token and layer: 8 h + 2 kv + 4 i = 64 + 8 + 64 = 136 values;
-    logits: 32 values per token, kept at the activations' bytes + 8 (fp32 log-softmax and its gradient)."""
+    + final norm 8 = 1,704. Activations per token with 2-byte values: 2 layers x (norms 2 x (4 + 2) x 8
+    + 2 x (5 x 8 + 2 x 4 + 4 x 16)) + final norm (4 + 2) x 8 = 2 x 320 + 48 = 688 bytes; logits: 32 values
+    per token at 2 + 8 bytes (the logits, their fp32 log-softmax and its gradient)."""
     assert TINY.params() == 1704
     gib = 2**30
     # full fine-tuning in bf16, 2 x 4 tokens: weights, gradients 2 bytes, AdamW 2 x 2 bytes per parameter
     full = memory_per_device(TINY, dtype="bfloat16", batch=2, seq=4)
     assert full["weights"] * gib == pytest.approx(3408)
     assert full["optimizer"] * gib == pytest.approx(6816)
-    assert full["activations"] * gib == pytest.approx(8 * 136 * 2 * 2 + 8 * 32 * (2 + 8))  # 4352 + 2560
-    assert full["total"] * gib == pytest.approx(3408 + 3408 + 6816 + 6912)
+    assert full["activations"] * gib == pytest.approx(8 * 688 + 8 * 32 * (2 + 8))  # 5504 + 2560
+    assert full["total"] * gib == pytest.approx(3408 + 3408 + 6816 + 8064)
     # LoRA r 2 on q (8 -> 8) and v (8 -> 4): 2 layers x (2 x 16 + 2 x 12) = 112 float32 parameters;
     # the frozen base in fp16, nothing sharded (4 shards asked), one defense copy of the adapters
     lora = memory_per_device(TINY, dtype="float16", batch=2, seq=4, lora_r=2, lora_targets=("q_proj", "v_proj"),
                              shards=4, copies=1)
     assert lora["weights"] * gib == pytest.approx(1704 * 2 + 112 * 4)
     assert (lora["gradients"] * gib, lora["optimizer"] * gib, lora["copies"] * gib) == pytest.approx((448, 896, 448))
-    assert lora["total"] * gib == pytest.approx(3856 + 448 + 896 + 448 + 6912)
+    assert lora["total"] * gib == pytest.approx(3856 + 448 + 896 + 448 + 8064)
     # float32 weights sharded over 4 devices, bf16 autocast, 3 extra tokens held for the backward
     mixed = memory_per_device(TINY, dtype="float32", batch=2, seq=4, shards=4, extra_tokens=3,
                               activation_dtype="bfloat16")
     assert (mixed["weights"] * gib, mixed["gradients"] * gib, mixed["optimizer"] * gib) == pytest.approx(
         (1704, 1704, 3408))
-    assert mixed["activations"] * gib == pytest.approx((8 + 3) * 136 * 2 * 2 + 8 * 32 * 10)  # 5984 + 2560
+    assert mixed["activations"] * gib == pytest.approx((8 + 3) * 688 + 8 * 32 * 10)  # 7568 + 2560
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_estimate_matches_the_tensors_saved_for_backward(dtype):
+    """Bytes of every non-parameter tensor autograd keeps during a training forward of a tiny Llama,
+    against the estimate less what is not a saved tensor (the logits in `dtype` and the log-softmax
+    gradient, which exist only at the backward's start)."""
+    model = make_model(101, layers=2, heads=4, kv_heads=2).to(dtype)
+    facts = ModelFacts.from_config(model.config.to_dict())
+    batch, seq = 2, 16
+    ids = torch.randint(0, 101, (batch, seq), generator=torch.Generator().manual_seed(0))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    b = 4 if dtype == torch.float32 else 2
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    est = memory_per_device(facts, dtype=name, batch=batch, seq=seq)["activations"] * 2**30
+    assert est - batch * seq * 101 * (b + 4) == pytest.approx(measured, rel=0.05)
 
 
 def test_surgery_holds_its_pools_only_when_they_outgrow_the_batch_or_share_its_backward():

@@ -72,12 +72,15 @@ class ModelFacts:
             raise SinkguardError(f"unknown LoRA target(s) {', '.join(unknown)}; known: {', '.join(shapes)}")
         return self.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
-    def activations_per_token(self) -> int:
-        """Values one decoder layer keeps per token for backward (Llama-style, SDPA): the two norms'
-        inputs (upcast) and outputs (8 h in all), the rotated q and k and v (h + 2 kv), the gated MLP's
-        gate, activation, up and product (4 i)."""
-        kv = self.num_key_value_heads * self.dim
-        return 8 * self.hidden_size + 2 * kv + 4 * self.intermediate_size
+    def activation_bytes(self, b: int) -> int:
+        """Bytes the decoder keeps per token for backward with activations of `b` bytes (Llama-style,
+        SDPA): per layer, two RMSNorms (float32 input + output, 2 (4 + b) h), q, k, v, the attention
+        output and projections' inputs (b (5 h + 2 kv)), the gated MLP's four intermediates (4 b i);
+        once, the final norm ((4 + b) h). Matches the saved tensors of a tiny Llama to a few per cent
+        (tests/test_plan.py)."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.dim
+        layer = 2 * (4 + b) * h + b * (5 * h + 2 * kv + 4 * self.intermediate_size)
+        return self.num_hidden_layers * layer + (4 + b) * h
 
 
 # From the models' published config.json files (and whether their tokenizer ships a chat template).
@@ -134,8 +137,8 @@ def memory_per_device(facts: ModelFacts, *, dtype: str = "bfloat16", batch: int 
     ZeRO-3). LoRA trains float32 adapters (peft upcasts them on a 16-bit model) on frozen weights
     and shards nothing (LoRA runs under DDP). `copies`: copies of the trainable parameters a defense
     keeps (Lisa's anchor, Booster's saved weights and gradients). Activations: one micro-batch of
-    `batch` x `seq` tokens through every layer (`activations_per_token`) plus the LM head's logits
-    in `dtype`, their float32 log-softmax and its gradient; `extra_tokens` are tokens of extra
+    `batch` x `seq` tokens through the decoder (`activation_bytes`) plus the LM head's logits in
+    `dtype`, their float32 log-softmax and its gradient; `extra_tokens` are tokens of extra
     decoder passes held for the same backward (e.g. Surgery's pools under penalty_backward='joint').
     `activation_dtype`: the activations' dtype when mixed precision computes in another (bf16: true).
     """
@@ -152,8 +155,7 @@ def memory_per_device(facts: ModelFacts, *, dtype: str = "bfloat16", batch: int 
         weights = total * b / shards
     state = trainable * tb / shards
     tokens = batch * seq
-    per_layer = facts.activations_per_token() * facts.num_hidden_layers * ab
-    activations = (tokens + extra_tokens) * per_layer + tokens * facts.vocab_size * (ab + 8)
+    activations = (tokens + extra_tokens) * facts.activation_bytes(ab) + tokens * facts.vocab_size * (ab + 8)
     out = {"weights": weights, "gradients": state, "optimizer": 2 * state, "copies": copies * state,
            "activations": activations}
     out = {k: v / GIB for k, v in out.items()}
