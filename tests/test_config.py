@@ -85,10 +85,11 @@ def test_cli_defaults_are_the_yaml_defaults(command, cls):
     assert config_from_args(cls, args) == cls()
 
 
-def test_evaluate_cli_defaults_are_the_yaml_defaults():
-    args = _parse(["evaluate", "--model", "m", "--out", "x"])
+def test_evaluate_cli_defaults_are_the_yaml_defaults(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # --model is checked when parsed: a model folder
+    args = _parse(["evaluate", "--model", str(tmp_path), "--out", "x"])
     assert config_from_args(EvaluationConfig, args) == EvaluationConfig()
-    args = _parse(["evaluate", "--model", "m", "--out", "x", "--hs-sets", "none", "--no-number-fallback"])
+    args = _parse(["evaluate", "--model", str(tmp_path), "--out", "x", "--hs-sets", "none", "--no-number-fallback"])
     e = config_from_args(EvaluationConfig, args)
     assert e.hs_sets == [] and e.number_fallback is False
 

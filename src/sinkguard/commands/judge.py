@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 from ..errors import SinkguardError
+from ..io import read_jsonl, write_jsonl
 from .common import add_data_root
 
 
@@ -163,42 +162,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """JSONL rows, each an object with string `prompt` and `response`; one clear error otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise SinkguardError(f"input file {path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SinkguardError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise SinkguardError(f"{path} line {number}: expected a JSON object with prompt and response")
-            for key in ("prompt", "response"):
-                if not isinstance(row.get(key), str):
-                    raise SinkguardError(f"{path} line {number}: field {key!r} is missing or not a string")
-            rows.append(row)
+    rows = read_jsonl(path, "input file")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise SinkguardError(f"{path} row {number}: expected a JSON object with prompt and response")
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                raise SinkguardError(f"{path} row {number}: field {key!r} is missing or not a string")
     if not rows:
         raise SinkguardError(f"{path} has no rows")
     return rows
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Write rows as JSON lines atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import os
 import random
 
 from ..errors import SinkguardError
+from ..io import read_jsonl
 from .sources import load_source
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
@@ -22,14 +23,11 @@ def _beavertails_unsafe_train(root) -> list[dict]:
 
 
 def _labelled_jsonl(path: str) -> list[dict]:
-    import json
-
     if not os.path.isfile(path):
         raise SinkguardError(f"pool source {path!r} is neither 'beavertails' nor a JSONL file")
-    with open(path, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = read_jsonl(path, "pool source")
     for i, r in enumerate(rows):
-        if not r.get("prompt") or not r.get("response") or not isinstance(r.get("is_safe"), bool):
+        if not isinstance(r, dict) or not r.get("prompt") or not r.get("response") or not isinstance(r.get("is_safe"), bool):
             raise SinkguardError(f"{path} row {i}: needs non-empty prompt, response and a boolean is_safe")
     return rows
 
