@@ -250,6 +250,26 @@ def test_unselected_layers_are_checkpointed_exactly_or_as_the_official_reentrant
             torch.testing.assert_close(grads["reentrant"][n], g, rtol=1e-4, atol=1e-6)
 
 
+def test_reentrant_checkpointing_in_deep_models_still_trains_the_mlp_below_the_lowest_chosen_layer(
+        tokenizer, tmp_path):
+    """Official run, more layers than previous_layer_threshold: the layer below the lowest chosen one
+    runs un-checkpointed, so its MLP LoRA gets a gradient; the layers below it get none."""
+    from peft import get_peft_model
+
+    model = get_peft_model(make_model(len(tokenizer), layers=4, seed=7), lora_config(r=4, alpha=4, dropout=0.0))
+    trainer = _trainer(tokenizer, model, tmp_path, "tvaccine", previous_layer_threshold=3)
+    trainer.active_layers, trainer.layer_probabilities = [2, 3], [0.25] * 4
+    trainer.state.global_step = 1  # no scoring or redraw this step
+    trainer.training_step(model, dict(_batch(tokenizer)))
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [True, False, False, False]
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert all(g is None for n, g in grads.items() if ".layers.0." in n)
+    assert all(g is None for n, g in grads.items() if ".layers.1.self_attn" in n)
+    mlp_below = [g for n, g in grads.items() if ".layers.1.mlp" in n and "lora_B" in n]  # lora_A: zero (B starts at 0)
+    assert len(mlp_below) == 3 and all(g is not None and g.abs().sum() > 0 for g in mlp_below)
+    trainer.restore_model()
+
+
 def test_previous_layers_run_uncheckpointed_in_deep_models(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, make_model(len(tokenizer), layers=4), tmp_path, "tvaccine",
                        previous_layer_threshold=3)

@@ -53,14 +53,17 @@ class TVaccineConfig(VaccineConfig):
     )
     checkpoint_reentrant: bool = field(
         default=True, metadata={"help": "official (torch 2.1 default): reentrant checkpointing, under which the "
-                                "layers below the first active one get no gradient; False: exact gradients"}
+                                "checkpointed layers below the lowest un-checkpointed one get no gradient; "
+                                "False: exact gradients"}
     )
     previous_layer_threshold: int = field(
         default=26, metadata={"help": "official: with more layers than this, the layer before each chosen one "
                               "also runs without checkpointing"}
     )
     harmful_system_prompt: str | None = field(
-        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the tokenised harmful scoring set"}
+        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system turn of every harmful scoring example (default: "
+                                                 "the fine-tuning rows' prompt; the alignment rows have none "
+                                                 "by default; null or '': no system turn)"}
     )
 
     def __post_init__(self) -> None:
