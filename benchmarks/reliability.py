@@ -63,7 +63,8 @@ CASES = [
     _sg(f"finetune --samples 0 {OUT}", "--samples 0"),
     _sg(f"finetune --samples -5 {OUT}", "negative --samples"),
     _sg(f"analyze --samples 0 {OUT}", "--samples 0", evaluation=True),
-    _sg(f"repair --model {{tmp}}/nomodel --defense antidote --samples 0 {OUT}", "--samples 0"),
+    _sg(f"repair --model {{tmp}}/model --defense antidote --samples 0 {OUT}", "--samples 0"),
+    _sg(f"repair --model {{tmp}}/nomodel --defense antidote {OUT}", "--model folder without a model"),
     _sg("run {tmp}/samples.yaml --dry-run", "`finetuning: {samples: 0}`"),
     _sg(f"evaluate --model smollm2-135m-instruct --limit 0 {OUT}", "--limit 0 (evaluate's sample count)"),
     _sg(f"evaluate --model smollm2-135m-instruct --fa-limit 0 --task sst2 {OUT}", "--fa-limit 0"),
@@ -79,7 +80,7 @@ CASES = [
     _sg(f"finetune --defense surgery --set alpha=lots {OUT}", "non-numeric defense option"),
     _sg(f"finetune --defense surgery --set alhpa=3 {OUT}", "misspelt defense option"),
     _sg(f"evaluate --model smollm2-135m-instruct --hs-sets nope {OUT}", "unknown harmful prompt set"),
-    _sg(f"repair --model {{tmp}}/nomodel --defense x {OUT}", "unknown post-fine-tuning defense"),
+    _sg(f"repair --model {{tmp}}/model --defense x {OUT}", "unknown post-fine-tuning defense"),
     # YAML
     _sg("run {tmp}/scalar.yaml --dry-run", "scalar where a list is expected (`tasks: sst2`)"),
     _sg("run {tmp}/string.yaml --dry-run", "string where a number is expected (`lr: fast`)"),
@@ -107,17 +108,20 @@ CASES = [
     _sg("report {tmp}/run_latin1", "results.json not UTF-8", evaluation=True),
     _sg("report {tmp}/nowhere", "run folder missing", evaluation=True),
     # judge
-    _sg("judge score --judge {tmp}/nojudge --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl", "--judge PATH missing"),
-    _sg("judge evaluate --judge {tmp}/nojudge", "--judge PATH missing"),
-    _sg("judge score --judge {tmp}/nomodel --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl",
-        "--judge PATH holds no judge"),
+    _sg("judge score --judge {tmp}/missing --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl", "--judge PATH missing"),
+    _sg("judge evaluate --judge {tmp}/missing", "--judge PATH missing"),
+    _sg("judge score --judge {tmp}/nojudge --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl",
+        "--judge PATH: an empty folder"),
+    _sg("judge evaluate --judge {tmp}/model", "--judge PATH: a folder that holds no judge"),
     _sg("judge score --threshold 2 --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl", "--threshold outside (0, 1)"),
     _sg("judge score --batch-size 0 --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl", "--batch-size 0"),
     _sg("judge train --epochs 0", "--epochs 0"),
+    _sg("judge train --refusal-rows -1", "negative --refusal-rows"),
     _sg("run {tmp}/judge.yaml", "YAML `judge:` folder missing", evaluation=True),
     # ltsf
     _lt("train --model SegRNN --d_model 511", "--d_model odd for the pmf + channel-id setting"),
-    _lt("train --model SegRNN --d_model 7", "--d_model too small for the channel id"),
+    _lt("train --model SegRNN --d_model 0", "--d_model 0"),
+    _lt("train --model SegRNN --seq_len 50 --seg_len 24", "--seg_len not dividing --seq_len"),
     _lt("train --pct_start 1.5", "--pct_start outside (0, 1)"),
     _lt("train --pct_start 0", "--pct_start outside (0, 1)"),
     _lt("train --learning_rate nan", "non-finite --learning_rate"),
@@ -173,6 +177,8 @@ def make_files(tmp: Path) -> None:
     (tmp / "header.gguf").write_bytes(head[:20])
     (tmp / "empty.gguf").write_bytes(b"")
     (tmp / "nomodel").mkdir()
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text("{}")  # passes the folder check; never loaded
     (tmp / "nojudge").mkdir(exist_ok=True)
     yamls = {
         "model.yaml": "name: m\nmodel: no-such-alias\n",

@@ -65,26 +65,30 @@ def _add_judge_choice(parser: argparse.ArgumentParser) -> None:
 
 
 def _judge(args: argparse.Namespace):
-    from ..evaluate.judge import Judge, load_judge
-
+    """The judge the flags name, after checking them (before the judge's imports)."""
     if args.hub and args.judge:
         raise SinkguardError("pass either --judge or --hub, not both")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise SinkguardError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.judge and not os.path.isdir(args.judge):
+        raise SinkguardError(f"--judge {args.judge} is not a folder: pass a folder written by "
+                             "`sinkguard judge train`")
+    from ..evaluate.judge import Judge, load_judge
+
     judge = Judge.from_hub(args.hub) if args.hub else load_judge(True, args.judge, args.data_root)
     if args.threshold is not None:
-        if not 0.0 < args.threshold < 1.0:
-            raise SinkguardError(f"--threshold must be in (0, 1), got {args.threshold}")
         judge.threshold = args.threshold
     return judge
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train, save, and print validation and test metrics."""
-    from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
-
     for flag in ("epochs", "refusal_rows", "threads"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "refusal_rows" else 1):
             raise SinkguardError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
+
     overrides = {"encoder": args.encoder, "method": args.method, "epochs": args.epochs, "seed": args.seed,
                  "refusal_rows": args.refusal_rows, "threads": args.threads}
     config = JudgeConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
@@ -176,12 +180,12 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
 
 def run_score(args: argparse.Namespace) -> int:
     """Score a JSONL file of (prompt, response) rows."""
-    from ..evaluate.judge import is_refusal
-
     if args.batch_size < 1:
         raise SinkguardError(f"--batch-size must be positive, got {args.batch_size}")
     rows = read_pairs(args.input)
     judge = _judge(args)
+    from ..evaluate.judge import is_refusal
+
     identity = getattr(judge, "identity", None)
     scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows],
                          batch_size=args.batch_size, progress=True)
