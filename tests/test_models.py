@@ -110,3 +110,12 @@ def test_the_model_check_runs_before_torch_is_imported(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(bad), str(tmp_path / "o")], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stderr
+
+
+def test_a_garbage_length_in_the_header_is_a_cut_not_a_huge_read(tmp_path):
+    path = tmp_path / "garbage.gguf"
+    # v3, 0 tensors, 1 metadata entry whose key claims 2**62 bytes
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+                     + (2 ** 62).to_bytes(8, "little") + b"key")
+    with pytest.raises(SinkguardError, match="ends inside its header"):
+        check_gguf(path)

@@ -79,21 +79,19 @@ class _GGUFHeader:
     """Sequential reads of a GGUF header (little- or big-endian); a short read is a truncated file."""
 
     def __init__(self, fh: BinaryIO, order: str) -> None:
-        self.fh, self.order = fh, order
+        self.fh, self.order, self.size = fh, order, os.fstat(fh.fileno()).st_size
+
+    def read(self, n: int) -> bytes:
+        """`n` bytes; fewer left in the file (a cut, or a length read from garbage) is `EOFError`."""
+        if n > self.size - self.fh.tell():
+            raise EOFError
+        return self.fh.read(n)
 
     def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        data = self.fh.read(size)
-        if len(data) < size:
-            raise EOFError
-        return struct.unpack(self.order + fmt, data)[0]
+        return struct.unpack(self.order + fmt, self.read(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        n = self.unpack("Q")
-        data = self.fh.read(n)
-        if len(data) < n:
-            raise EOFError
-        return data.decode("utf-8", errors="replace")
+        return self.read(self.unpack("Q")).decode("utf-8", errors="replace")
 
     def value(self, kind: int):
         if kind in _GGUF_SCALARS:
@@ -103,9 +101,10 @@ class _GGUFHeader:
         if kind == _GGUF_ARRAY:
             inner, count = self.unpack("I"), self.unpack("Q")
             if inner in _GGUF_SCALARS:  # skip fixed-size items without parsing them
-                size = struct.calcsize(_GGUF_SCALARS[inner]) * count
-                if self.fh.seek(size, os.SEEK_CUR) > os.fstat(self.fh.fileno()).st_size:
+                skip = struct.calcsize(_GGUF_SCALARS[inner]) * count
+                if skip > self.size - self.fh.tell():
                     raise EOFError
+                self.fh.seek(skip, os.SEEK_CUR)
                 return None
             for _ in range(count):
                 self.value(inner)
