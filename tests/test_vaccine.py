@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
-from transformers import TrainerCallback
+from conftest import make_model, stop_at
 
 from sinkguard.data import PadCollator, encode_example
 from sinkguard.defenses import get_defense
@@ -278,16 +277,6 @@ def test_previous_layers_run_uncheckpointed_in_deep_models(tokenizer, tmp_path):
     assert trainer.full_layers([0, 2]) == {0, 2}
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 def _logged_tvaccine(tokenizer, tmp_path, **overrides):
     """A LoRA T-Vaccine trainer (J=2, K=3, 8 steps) that logs its scorings, draws and active layers."""
     from peft import get_peft_model
@@ -324,7 +313,7 @@ def test_tvaccine_resumed_run_scores_draws_and_trains_like_an_uninterrupted_one(
     full_model, full = _logged_tvaccine(tokenizer, tmp_path / "full")
     full.train()
     _, first = _logged_tvaccine(tokenizer, tmp_path / "cut", save_strategy="steps", save_steps=5)
-    first.add_callback(_StopAt(5))
+    first.add_callback(stop_at(5))
     first.train()
     assert first.state.global_step == 5
     resumed_model, resumed = _logged_tvaccine(tokenizer, tmp_path / "cut", save_strategy="steps", save_steps=5)
