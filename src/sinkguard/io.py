@@ -74,15 +74,23 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
                              "restore or rewrite it") from None
 
 
-def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[Any]:
-    """The values of a JSON-lines file (blank lines skipped); errors name the file and line."""
+def read_jsonl(path: str | os.PathLike, what: str = "file",
+               check: Callable[[Any], str | None] | None = None) -> list[Any]:
+    """The values of a JSON-lines file (blank lines skipped); errors name the file and line.
+
+    `check(value)` says what is wrong with a row (None: nothing), e.g. a missing field.
+    """
     rows = []
     for number, line in enumerate(read_text(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SinkguardError(f"{what} {path} line {number} is not valid JSON (truncated? {exc.msg}); "
                                  "restore or rewrite it") from None
+        problem = check(row) if check else None
+        if problem:
+            raise SinkguardError(f"{path} line {number}: {problem}")
+        rows.append(row)
     return rows

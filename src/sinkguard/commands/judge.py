@@ -164,15 +164,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair_problem(row) -> str | None:
+    """What keeps a JSONL row from being a (prompt, response) pair, or None."""
+    if not isinstance(row, dict):
+        return "expected a JSON object with prompt and response"
+    missing = [key for key in ("prompt", "response") if not isinstance(row.get(key), str)]
+    return f"field {missing[0]!r} is missing or not a string" if missing else None
+
+
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """JSONL rows, each an object with string `prompt` and `response`; one clear error otherwise."""
-    rows = read_jsonl(path, "input file")
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise SinkguardError(f"{path} row {number}: expected a JSON object with prompt and response")
-        for key in ("prompt", "response"):
-            if not isinstance(row.get(key), str):
-                raise SinkguardError(f"{path} row {number}: field {key!r} is missing or not a string")
+    rows = read_jsonl(path, "input file", _pair_problem)
     if not rows:
         raise SinkguardError(f"{path} has no rows")
     return rows

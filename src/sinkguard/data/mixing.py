@@ -22,14 +22,16 @@ def _beavertails_unsafe_train(root) -> list[dict]:
     return [r for r in load_source("beavertails", "train", root) if not r["is_safe"]]
 
 
+def _pool_row_problem(r) -> str | None:
+    if isinstance(r, dict) and r.get("prompt") and r.get("response") and isinstance(r.get("is_safe"), bool):
+        return None
+    return "needs non-empty prompt, response and a boolean is_safe"
+
+
 def _labelled_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise SinkguardError(f"pool source {path!r} is neither 'beavertails' nor a JSONL file")
-    rows = read_jsonl(path, "pool source")
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or not r.get("prompt") or not r.get("response") or not isinstance(r.get("is_safe"), bool):
-            raise SinkguardError(f"{path} row {i}: needs non-empty prompt, response and a boolean is_safe")
-    return rows
+    return read_jsonl(path, "pool source", _pool_row_problem)
 
 
 def reference_pools(
