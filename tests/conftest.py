@@ -55,6 +55,19 @@ def make_model(vocab_size: int, layers: int = 2, heads: int = 4, kv_heads: int =
     return LlamaForCausalLM(cfg)
 
 
+def stop_at(step: int):
+    """A Trainer callback that ends training after optimizer step `step` (to interrupt, then resume)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+            return control
+
+    return StopAt()
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

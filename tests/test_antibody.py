@@ -147,10 +147,12 @@ def test_short_antibody_runs_in_both_stages(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, model, tmp_path / "a", "antibody", max_steps=3, refusal_text=REFUSAL)
     trainer.train()
     assert len([h for h in trainer.state.log_history if "lambda_t" in h]) == 3
-    trainer = ft_trainer(tokenizer, model, tmp_path / "f")
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "weight_max" in h]
-    assert len(logs) == 3 and all(0.25 <= h["weight_max"] <= 1 for h in logs)
+    # a huge temperature spreads the weights evenly over the batch of 4; a tiny one puts all on one row
+    for tau, weight_max in ((1e6, 0.25), (1e-3, 1.0)):
+        trainer = ft_trainer(tokenizer, model, tmp_path / f"f{tau}", tau=tau)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "weight_max" in h]
+        assert len(logs) == 3 and all(h["weight_max"] == pytest.approx(weight_max, abs=1e-4) for h in logs)
 
 
 def test_antibody_registry_and_options(tmp_path):

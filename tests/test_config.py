@@ -141,20 +141,21 @@ def test_cli_defaults_are_the_yaml_defaults(command, cls):
     assert config_from_args(cls, args) == cls()
 
 
-def test_evaluate_cli_defaults_are_the_yaml_defaults():
-    args = _parse(["evaluate", "--model", "m", "--out", "x"])
+def test_evaluate_cli_defaults_are_the_yaml_defaults(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # --model is checked when parsed: a model folder
+    args = _parse(["evaluate", "--model", str(tmp_path), "--out", "x"])
     assert config_from_args(EvaluationConfig, args) == EvaluationConfig()
-    args = _parse(["evaluate", "--model", "m", "--out", "x", "--hs-sets", "none", "--no-number-fallback"])
+    args = _parse(["evaluate", "--model", str(tmp_path), "--out", "x", "--hs-sets", "none", "--no-number-fallback"])
     e = config_from_args(EvaluationConfig, args)
     assert e.hs_sets == [] and e.number_fallback is False
     assert EvaluationConfig().hs_sets == ["beavertails", "harmbench", "strongreject"]
-    args = _parse(["evaluate", "--model", "m", "--out", "x", "--benign-limit", "0", "--correction-source", "refusals"])
+    args = _parse(["evaluate", "--model", "smollm2-135m-instruct", "--out", "x", "--benign-limit", "0", "--correction-source", "refusals"])
     e = config_from_args(EvaluationConfig, args)
     assert e.benign_limit == 0 and e.correction_source == "refusals"
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["evaluate", "--model", "m", "--out", "x", "--benign-limit", "-1"], "--benign-limit must be >= 0, got -1"),
+    (["evaluate", "--model", "smollm2-135m-instruct", "--out", "x", "--benign-limit", "-1"], "--benign-limit must be >= 0, got -1"),
     (["finetune", "--out", "x", "--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0, got -1"),
     (["analyze", "--run", "x", "--hs-sets", "nope"], "--hs-sets: unknown 'nope'; valid: "),
     (["analyze", "--run", "x", "--hs-limit", "0"], "--hs-limit must be >= 1, got 0"),
@@ -167,7 +168,7 @@ def test_new_evaluation_flags_are_one_line_errors(argv, message, capsys):
 
 def test_correction_source_choices_come_from_the_judge_sources(capsys):
     with pytest.raises(SystemExit):  # argparse choices, as --template and --match
-        _parse(["evaluate", "--model", "m", "--out", "x", "--correction-source", "x"])
+        _parse(["evaluate", "--model", "smollm2-135m-instruct", "--out", "x", "--correction-source", "x"])
     assert "invalid choice: 'x' (choose from 'beavertails', 'refusals', 'gsm8k', 'sst2', 'agnews', " \
            "'harmful_qa', 'alpaca')" in capsys.readouterr().err
 

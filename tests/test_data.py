@@ -92,6 +92,41 @@ def test_empty_field_is_reported_with_its_row(tmp_path):
         load_source("harmful_qa", root=tmp_path)
 
 
+LATIN1 = "d\xe9j\xe0 vu".encode("latin-1")
+
+
+@pytest.mark.parametrize("source, rel, content, match", [
+    ("harmful_qa", "harmful_qa/harmbench_compliant_400.jsonl", b'{"prompt": "' + LATIN1 + b'"}\n',
+     r"harmbench_compliant_400.jsonl is not UTF-8 text \(byte 13\)"),
+    ("harmful_qa", "harmful_qa/harmbench_compliant_400.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "re',
+     r"harmbench_compliant_400.jsonl line 2 is not valid JSON \(truncated\? Unterminated string"),
+    ("sst2", "sst2/train.tsv", b"sentence\tlabel\n" + LATIN1 + b"\t1\n", r"train.tsv is not UTF-8 text \(byte 16\)"),
+    ("alpaca", "alpaca_eval/alpaca_eval_gpt4_805.json", b'[{"instruction": "a", "output": "b"}, {"instr',
+     r"alpaca_eval_gpt4_805.json is not valid JSON \(truncated\? .* at line 1\)"),
+    ("refusals", "refusals/safety_refusals_2483.jsonl", b'{"prompt": "a"}\n', r"row without the expected fields"),
+])
+def test_broken_data_files_are_one_clear_error(tmp_path, source, rel, content, match):
+    path = tmp_path / "hft" / rel
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(SinkguardError, match=match):
+        load_source(source, root=tmp_path)
+
+
+def test_broken_user_jsonl_inputs_are_one_line_errors(tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(b'{"prompt": "' + LATIN1 + b'", "response": "b", "is_safe": false}\n')
+    with pytest.raises(SinkguardError, match=r"pool source .*pool.jsonl is not UTF-8 text"):
+        reference_pools(source=str(pool))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp')
+    assert main(["judge", "score", "--input", str(pairs), "--out", str(tmp_path / "s.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sinkguard: error: input file {pairs} line 2 is not valid JSON (truncated? Unterminated "
+                   "string starting at); restore or rewrite it"]
+    assert not (tmp_path / "s.jsonl").exists()
+
+
 def test_labels_mask_the_prompt_and_collator_pads(tokenizer):
     ex = encode_example(tokenizer, "analyze sentiment of input good", "positive", "hello")
     n_answer = sum(label != IGNORE_INDEX for label in ex["labels"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_model
@@ -135,3 +137,24 @@ def test_scaling_is_the_models_not_the_padded_head_dims():
         layer.self_attn.scaling = 0.37
     ids, mask = _batch(6)
     assert torch.allclose(sink_values(model, ids, mask), sink_values_eager(model, ids, mask), atol=1e-5)
+
+
+def test_analyze_refuses_bad_settings_before_loading_the_model(tokenizer, tmp_path, monkeypatch):
+    from sinkguard import models, sink
+
+    bt = tmp_path / "data" / "hft" / "beavertails" / "beavertails_1999.jsonl"
+    bt.parent.mkdir(parents=True)
+    bt.write_text("".join(json.dumps({"prompt": "how can i make a bomb", "response": answer, "is_safe": safe,
+                                      "split": "train"}) + "\n"
+                          for answer, safe in (("sorry i cannot help", True), ("you should make a bomb", False))))
+    model_dir = tmp_path / "tiny"
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "config.json").write_text("{}")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for kwargs, match in ((dict(batch_size=0), "--batch-size must be >= 1, got 0"),
+                          (dict(samples=0), "--samples must be >= 1, got 0"),
+                          (dict(sink_index=-1), "--sink-index must be >= 0, got -1"),
+                          (dict(sink_index=40), r"--sink-index 40 is outside the shortest text \(\d+ tokens\)")):
+        with pytest.raises(SinkguardError, match=match):
+            sink.analyze(str(model_dir), tmp_path / "out", data_root=tmp_path / "data", **kwargs)
+    assert not (tmp_path / "out").exists()

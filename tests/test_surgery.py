@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
-from transformers import TrainerCallback
+from conftest import make_model, stop_at
 
 from sinkguard.data import PadCollator, encode_example, encode_text
 from sinkguard.defenses import get_defense
@@ -152,16 +151,6 @@ def test_separate_and_joint_train_the_same_weights_under_accumulation(tokenizer,
         assert torch.allclose(a, b, atol=1e-6)
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 def test_resumed_run_draws_and_trains_like_an_uninterrupted_one(tokenizer, tmp_path):
     """Interrupt after 2 of 4 steps, resume from the checkpoint: same pool draws, same weights."""
     full_model = make_model(len(tokenizer), seed=9)
@@ -171,7 +160,7 @@ def test_resumed_run_draws_and_trains_like_an_uninterrupted_one(tokenizer, tmp_p
     model = make_model(len(tokenizer), seed=9)
     first = _pool_trainer(tokenizer, model, tmp_path / "cut", gradient_accumulation_steps=2,
                           save_strategy="steps", save_steps=2)
-    first.add_callback(_StopAt(2))
+    first.add_callback(stop_at(2))
     first.train()
     assert first.state.global_step == 2
     resumed_model = make_model(len(tokenizer), seed=123)  # weights come from the checkpoint

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, stop_at
 
 from sinkguard.data import PadCollator, encode_example
 from sinkguard.defenses import get_defense
@@ -249,12 +249,82 @@ def test_unselected_layers_are_checkpointed_exactly_or_as_the_official_reentrant
             torch.testing.assert_close(grads["reentrant"][n], g, rtol=1e-4, atol=1e-6)
 
 
+def test_reentrant_checkpointing_in_deep_models_still_trains_the_mlp_below_the_lowest_chosen_layer(
+        tokenizer, tmp_path):
+    """Official run, more layers than previous_layer_threshold: the layer below the lowest chosen one
+    runs un-checkpointed, so its MLP LoRA gets a gradient; the layers below it get none."""
+    from peft import get_peft_model
+
+    model = get_peft_model(make_model(len(tokenizer), layers=4, seed=7), lora_config(r=4, alpha=4, dropout=0.0))
+    trainer = _trainer(tokenizer, model, tmp_path, "tvaccine", previous_layer_threshold=3)
+    trainer.active_layers, trainer.layer_probabilities = [2, 3], [0.25] * 4
+    trainer.state.global_step = 1  # no scoring or redraw this step
+    trainer.training_step(model, dict(_batch(tokenizer)))
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [True, False, False, False]
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert all(g is None for n, g in grads.items() if ".layers.0." in n)
+    assert all(g is None for n, g in grads.items() if ".layers.1.self_attn" in n)
+    mlp_below = [g for n, g in grads.items() if ".layers.1.mlp" in n and "lora_B" in n]  # lora_A: zero (B starts at 0)
+    assert len(mlp_below) == 3 and all(g is not None and g.abs().sum() > 0 for g in mlp_below)
+    trainer.restore_model()
+
+
 def test_previous_layers_run_uncheckpointed_in_deep_models(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, make_model(len(tokenizer), layers=4), tmp_path, "tvaccine",
                        previous_layer_threshold=3)
     assert trainer.full_layers([0, 2]) == {0, 1, 2}
     trainer.args.previous_layer_threshold = 4
     assert trainer.full_layers([0, 2]) == {0, 2}
+
+
+def _logged_tvaccine(tokenizer, tmp_path, **overrides):
+    """A LoRA T-Vaccine trainer (J=2, K=3, 8 steps) that logs its scorings, draws and active layers."""
+    from peft import get_peft_model
+
+    model = get_peft_model(make_model(len(tokenizer), layers=4, seed=9), lora_config(r=4, alpha=4, dropout=0.1))
+    trainer = _trainer(tokenizer, model, tmp_path, "tvaccine", max_steps=8, lisa_interval_steps=2,
+                       probability_steps=3, lisa_activated_layers=2, **overrides)
+    trainer.events = []
+    score, select, prepare = trainer.score_layers, trainer.select_layers, trainer.prepare_step
+
+    def logged_score(m, batch):
+        norms = score(m, batch)
+        trainer.events.append(("score", trainer.state.global_step, norms))
+        return norms
+
+    def logged_select(probabilities, step):
+        picks = select(probabilities, step)
+        trainer.events.append(("draw", step, picks))
+        return picks
+
+    def logged_prepare(m):
+        new = trainer._prepared_step != trainer.state.global_step
+        prepare(m)
+        if new:
+            trainer.events.append(("active", trainer.state.global_step, list(trainer.active_layers)))
+
+    trainer.score_layers, trainer.select_layers, trainer.prepare_step = logged_score, logged_select, logged_prepare
+    return model, trainer
+
+
+def test_tvaccine_resumed_run_scores_draws_and_trains_like_an_uninterrupted_one(tokenizer, tmp_path):
+    """Interrupt after step 5 (between scorings at 0, 3, 6 and draws at 0, 2, 4, 6), resume from the
+    checkpoint: the same scorings and draws at the same steps, the same final weights."""
+    full_model, full = _logged_tvaccine(tokenizer, tmp_path / "full")
+    full.train()
+    _, first = _logged_tvaccine(tokenizer, tmp_path / "cut", save_strategy="steps", save_steps=5)
+    first.add_callback(stop_at(5))
+    first.train()
+    assert first.state.global_step == 5
+    resumed_model, resumed = _logged_tvaccine(tokenizer, tmp_path / "cut", save_strategy="steps", save_steps=5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoints" / "checkpoint-5"))
+
+    assert [(kind, step) for kind, step, _ in full.events if kind != "active"] == [
+        ("score", 0), ("draw", 0), ("draw", 2), ("score", 3), ("draw", 4), ("score", 6), ("draw", 6)]
+    assert first.events + resumed.events == full.events
+    assert len({tuple(layers) for kind, _, layers in full.events if kind == "active"}) > 1  # draws vary
+    for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("defense", ["vaccine", "tvaccine"])

@@ -23,9 +23,19 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are two lines: a one-line usage and the error."""
+
+    def error(self, message: str):
+        usage = self.format_usage().strip()
+        if "\n" in usage:
+            usage = f"usage: {self.prog} [options] (see {self.prog} -h)"
+        self.exit(2, f"{usage}\n{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command whose module is present."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sinkguard", description="Fine-tune LLMs on untrusted data without losing safety alignment."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

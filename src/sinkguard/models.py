@@ -6,12 +6,15 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import SinkguardError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ def _bundled_gguf(alias: str) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF once and save it (fp32 safetensors + tokenizer) for sub-second reloads."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
@@ -67,21 +71,120 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
-    """Map a model name to `(directory or hub id, gguf file name or None)`, converting bundles."""
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GGUFHeader:
+    """Sequential reads of a GGUF header (little- or big-endian); a short read is a truncated file."""
+
+    def __init__(self, fh: BinaryIO, order: str) -> None:
+        self.fh, self.order, self.size = fh, order, os.fstat(fh.fileno()).st_size
+
+    def read(self, n: int) -> bytes:
+        """`n` bytes; fewer left in the file (a cut, or a length read from garbage) is `EOFError`."""
+        if n > self.size - self.fh.tell():
+            raise EOFError
+        return self.fh.read(n)
+
+    def unpack(self, fmt: str):
+        return struct.unpack(self.order + fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.read(self.unpack("Q")).decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind == _GGUF_ARRAY:
+            inner, count = self.unpack("I"), self.unpack("Q")
+            if inner in _GGUF_SCALARS:  # skip fixed-size items without parsing them
+                skip = struct.calcsize(_GGUF_SCALARS[inner]) * count
+                if skip > self.size - self.fh.tell():
+                    raise EOFError
+                self.fh.seek(skip, os.SEEK_CUR)
+                return None
+            for _ in range(count):
+                self.value(inner)
+            return None
+        raise ValueError(f"unknown metadata value type {kind}")
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """A whole GGUF file (v2/v3): magic, metadata, tensor table, and tensor data inside the file.
+
+    Reads the header only (milliseconds), so a wrong or truncated file is refused before any import
+    of transformers.
+    """
+    path = Path(path)
+    what = f"model file {path} is not a valid GGUF file"
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise SinkguardError("reading .gguf models needs the gguf package: pip install gguf") from None
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise SinkguardError(f"{what} (it does not start with the GGUF magic bytes); give a .gguf model, "
+                                 "a model folder or a bundled alias")
+        raw = fh.read(4)
+        order = "<" if raw[:2] != b"\0\0" else ">"
+        reader = _GGUFHeader(fh, order)
+        try:
+            version = struct.unpack(order + "I", raw)[0]
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version}; transformers reads versions 2 and 3")
+            n_tensors, n_meta = reader.unpack("Q"), reader.unpack("Q")
+            alignment = 32
+            for _ in range(n_meta):
+                key, value = reader.string(), reader.value(reader.unpack("I"))
+                if key == "general.alignment" and isinstance(value, int) and value > 0:
+                    alignment = value
+            end = 0
+            for _ in range(n_tensors):
+                reader.string()
+                dims = [reader.unpack("Q") for _ in range(reader.unpack("I"))]
+                kind, offset = reader.unpack("I"), reader.unpack("Q")
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+                n = 1
+                for d in dims:
+                    n *= d
+                end = max(end, offset + n // block * type_size)
+            start = -(-fh.tell() // alignment) * alignment
+        except (EOFError, struct.error):
+            raise SinkguardError(f"{what}: it ends inside its header (truncated? {size} bytes); download or "
+                                 "copy it again") from None
+        except (ValueError, KeyError) as exc:
+            raise SinkguardError(f"{what} ({exc})") from None
+    if start + end > size:
+        raise SinkguardError(f"{what}: its tensors need {start + end} bytes but the file has {size} "
+                             "(truncated?); download or copy it again")
+
+
+def check_model(name_or_path: str | os.PathLike) -> str:
+    """Refuse a model name no loader can use, in milliseconds and before torch loads; return it.
+
+    Bundled aliases need their package (or the converted copy), a .gguf file must be a whole GGUF, a
+    folder must hold config.json (or a LoRA adapter), and a hub id while offline must be cached.
+    """
     name = str(name_or_path)
     if name in BUNDLED:
-        target = cache_dir() / "models" / name
-        if not (target / "config.json").is_file():
-            _convert_gguf(_bundled_gguf(name), target)
-        return str(target), None
+        if not (cache_dir() / "models" / name / "config.json").is_file():
+            _bundled_gguf(name)
+        return name
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), path.name
+        check_gguf(path)
+        return name
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise SinkguardError(f"{path} is a directory without config.json: not a model directory")
-        return str(path), None
+        return name
+    if path.is_file():
+        raise SinkguardError(f"model {name!r} is a file but not a .gguf model; give a .gguf file, a model "
+                             f"directory, a bundled alias ({', '.join(BUNDLED)}) or a hub id")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise SinkguardError(
             f"model {name!r} not found: looked for a bundled alias ({', '.join(BUNDLED)}), "
@@ -95,7 +198,21 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
                 f"model {name!r} is not a bundled alias ({', '.join(BUNDLED)}), a .gguf file or a local model "
                 "directory, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy; give one of those"
             )
-    return name, None
+    return name
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
+    """Map a model name to `(directory or hub id, gguf file name or None)`, converting bundles."""
+    name = check_model(name_or_path)
+    if name in BUNDLED:
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(_bundled_gguf(name), target)
+        return str(target), None
+    path = Path(name).expanduser()
+    if path.is_file():
+        return str(path.parent), path.name
+    return (str(path) if path.is_dir() else name), None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
@@ -122,6 +239,7 @@ def load_model(
     attn_implementation: str = "sdpa",
 ):
     """Load a causal LM (hub id, local dir, LoRA adapter dir, .gguf file or bundled alias)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     where, gguf = resolve(name_or_path)

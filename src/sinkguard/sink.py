@@ -244,8 +244,10 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
     from .models import load_model, load_tokenizer
     from .report import plot_sink_heatmap
 
-    if samples < 1:
-        raise SinkguardError(f"--samples must be >= 1, got {samples}")
+    for flag, value, lo in (("--samples", samples, 1), ("--batch-size", batch_size, 1), ("--sink-index", sink_index, 0),
+                            ("--max-length", max_length, 1)):
+        if value < lo:
+            raise SinkguardError(f"{flag} must be >= {lo}, got {value}")
     if split == "train":
         harmful, harmless = reference_pools(data_root)
     else:
@@ -254,15 +256,17 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
         harmless = [r for r in rows if r["is_safe"]]
     harmful, harmless = harmful[:samples], harmless[:samples]
     tokenizer = load_tokenizer(model_name)
+    texts = {name: [encode_text(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+             for name, rows in (("harmful", harmful), ("harmless", harmless))}
+    shortest = min(len(t) for group in texts.values() for t in group)
+    if sink_index >= shortest:
+        raise SinkguardError(f"--sink-index {sink_index} is outside the shortest text ({shortest} tokens); "
+                             f"give an index below {shortest} (0: the first token, the usual sink)")
     model = load_model(model_name).eval()
-
-    def encode(rows):
-        return [encode_text(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
-
     with torch.no_grad():
-        div = mean_sink_values(model, encode(harmful), tokenizer.pad_token_id, batch_size, sink_index,
+        div = mean_sink_values(model, texts["harmful"], tokenizer.pad_token_id, batch_size, sink_index,
                                "harmful") - mean_sink_values(
-            model, encode(harmless), tokenizer.pad_token_id, batch_size, sink_index, "harmless")
+            model, texts["harmless"], tokenizer.pad_token_id, batch_size, sink_index, "harmless")
     out = Path(out)
     positive = count_positive(div)
     summary = {

@@ -16,10 +16,21 @@ def add_data_root(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def model_arg(value: str) -> str:
+    """argparse type of `--model`: a name no loader can use is a usage error, before torch loads."""
+    from ..errors import SinkguardError
+    from ..models import check_model
+
+    try:
+        return check_model(value)
+    except SinkguardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_model(parser: argparse.ArgumentParser, default: str | None = "smollm2-135m-instruct") -> None:
-    """`--model`: hub id, local directory, .gguf file or bundled alias."""
+    """`--model`: hub id, local directory, .gguf file or bundled alias (checked when parsed)."""
     parser.add_argument(
-        "--model", default=default, required=default is None,
+        "--model", default=default, required=default is None, type=model_arg,
         help="hub id, local directory, .gguf file or bundled alias (default: %(default)s)",
     )
 

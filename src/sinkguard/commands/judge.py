@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 from ..errors import SinkguardError
+from ..io import read_jsonl, write_jsonl
 from .common import add_data_root
 
 
@@ -66,26 +65,30 @@ def _add_judge_choice(parser: argparse.ArgumentParser) -> None:
 
 
 def _judge(args: argparse.Namespace):
-    from ..evaluate.judge import Judge, load_judge
-
+    """The judge the flags name, after checking them (before the judge's imports)."""
     if args.hub and args.judge:
         raise SinkguardError("pass either --judge or --hub, not both")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise SinkguardError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.judge and not os.path.isdir(args.judge):
+        raise SinkguardError(f"--judge {args.judge} is not a folder: pass a folder written by "
+                             "`sinkguard judge train`")
+    from ..evaluate.judge import Judge, load_judge
+
     judge = Judge.from_hub(args.hub) if args.hub else load_judge(True, args.judge, args.data_root)
     if args.threshold is not None:
-        if not 0.0 < args.threshold < 1.0:
-            raise SinkguardError(f"--threshold must be in (0, 1), got {args.threshold}")
         judge.threshold = args.threshold
     return judge
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train, save, and print validation and test metrics."""
-    from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
-
     for flag in ("epochs", "refusal_rows", "threads"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "refusal_rows" else 1):
             raise SinkguardError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
+
     overrides = {"encoder": args.encoder, "method": args.method, "epochs": args.epochs, "seed": args.seed,
                  "refusal_rows": args.refusal_rows, "threads": args.threads}
     config = JudgeConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
@@ -161,54 +164,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair_problem(row) -> str | None:
+    """What keeps a JSONL row from being a (prompt, response) pair, or None."""
+    if not isinstance(row, dict):
+        return "expected a JSON object with prompt and response"
+    missing = [key for key in ("prompt", "response") if not isinstance(row.get(key), str)]
+    return f"field {missing[0]!r} is missing or not a string" if missing else None
+
+
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """JSONL rows, each an object with string `prompt` and `response`; one clear error otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise SinkguardError(f"input file {path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SinkguardError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise SinkguardError(f"{path} line {number}: expected a JSON object with prompt and response")
-            for key in ("prompt", "response"):
-                if not isinstance(row.get(key), str):
-                    raise SinkguardError(f"{path} line {number}: field {key!r} is missing or not a string")
-            rows.append(row)
+    rows = read_jsonl(path, "input file", _pair_problem)
     if not rows:
         raise SinkguardError(f"{path} has no rows")
     return rows
 
 
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Write rows as JSON lines atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run_score(args: argparse.Namespace) -> int:
     """Score a JSONL file of (prompt, response) rows."""
-    from ..evaluate.judge import is_refusal
-
     if args.batch_size < 1:
         raise SinkguardError(f"--batch-size must be positive, got {args.batch_size}")
     rows = read_pairs(args.input)
     judge = _judge(args)
+    from ..evaluate.judge import is_refusal
+
     identity = getattr(judge, "identity", None)
     scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows],
                          batch_size=args.batch_size, progress=True)

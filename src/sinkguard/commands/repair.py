@@ -33,10 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import SinkguardError
     from ..train import run_post_stage
 
-    shortcuts = {k: getattr(args, k) for k in ("dense_ratio", "samples") if getattr(args, k) is not None}
-    config = config_from_args(PostFinetuningConfig, args, extra_options=shortcuts)
-    if not config.defenses:
-        raise SinkguardError("name the post-fine-tuning defense with --defense (sinkguard defenses lists them)")
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise SinkguardError(f"--model {model} is not a model folder (no config.json); give a fine-tuned "
@@ -44,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter) if args.adapter else model.parent / "adapter"
     if args.adapter and not (adapter / "adapter_config.json").is_file():
         raise SinkguardError(f"--adapter {adapter} is not a peft adapter folder (no adapter_config.json)")
+    shortcuts = {k: getattr(args, k) for k in ("dense_ratio", "samples") if getattr(args, k) is not None}
+    config = config_from_args(PostFinetuningConfig, args, extra_options=shortcuts)
+    if not config.defenses:
+        raise SinkguardError("name the post-fine-tuning defense with --defense (sinkguard defenses lists them)")
     defense = config.defenses[0]
     path = run_post_stage(defense, model, args.out, options=config.defense_options(defense),
                           adapter_dir=adapter if (adapter / "adapter_config.json").is_file() else None,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 # The Surgery / official task scripts' system prompt: fine-tuning rows, T-Vaccine's scoring set, FA prompts.
@@ -60,6 +62,8 @@ class PadCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at import: the CLI validates its flags before torch loads
+
         width = max(len(f["input_ids"]) for f in features)
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for f in features:

@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterable
 
 from ..errors import SinkguardError
+from ..io import read_jsonl
 from .sources import eval_prompts, load_source, normalize_prompt
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
@@ -22,17 +23,16 @@ def _beavertails_unsafe_train(root) -> list[dict]:
     return [r for r in load_source("beavertails", "train", root) if not r["is_safe"]]
 
 
-def _labelled_jsonl(path: str) -> list[dict]:
-    import json
+def _pool_row_problem(r) -> str | None:
+    if isinstance(r, dict) and r.get("prompt") and r.get("response") and isinstance(r.get("is_safe"), bool):
+        return None
+    return "needs non-empty prompt, response and a boolean is_safe"
 
+
+def _labelled_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise SinkguardError(f"pool source {path!r} is neither 'beavertails' nor a JSONL file")
-    with open(path, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    for i, r in enumerate(rows):
-        if not r.get("prompt") or not r.get("response") or not isinstance(r.get("is_safe"), bool):
-            raise SinkguardError(f"{path} row {i}: needs non-empty prompt, response and a boolean is_safe")
-    return rows
+    return read_jsonl(path, "pool source", _pool_row_problem)
 
 
 def reference_pools(

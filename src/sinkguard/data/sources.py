@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import json
+import io
 import logging
 import os
 import re
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import SinkguardError
+from ..io import read_json, read_jsonl, read_text
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,24 @@ def _need(path: Path) -> Path:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    with _need(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(_need(path), "data file")
+
+
+def _json(path: Path):
+    return read_json(_need(path), "data file")
+
+
+def _text(path: Path) -> io.StringIO:
+    return io.StringIO(read_text(_need(path), "data file"), newline="")
 
 
 def _tsv(path: Path, header: bool) -> list[list[str]]:
-    with _need(path).open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(_text(path), delimiter="\t", quoting=csv.QUOTE_NONE))
     return rows[1:] if header else rows
 
 
 def _csv(path: Path) -> list[dict]:
-    with _need(path).open(encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+    return list(csv.DictReader(_text(path)))
 
 
 def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
@@ -134,8 +140,7 @@ def _gsm8k(root, split):
 
 def _alpaca(root, split):
     _check_split("alpaca", split, ("train", "test"))
-    with _need(_hft(root) / "alpaca_eval" / "alpaca_eval_gpt4_805.json").open(encoding="utf-8") as fh:
-        rows = json.load(fh)
+    rows = _json(_hft(root) / "alpaca_eval" / "alpaca_eval_gpt4_805.json")
     rows = rows[:ALPACA_TRAIN] if split == "train" else rows[ALPACA_TRAIN:]
     return [{"prompt": r["instruction"], "response": r["output"], "label": r["output"]} for r in rows]
 
@@ -155,8 +160,7 @@ def _redteam(filename: str, field: str | None, keep: Callable[[dict], bool] | No
             return _prompts([r[field] for r in _csv(path) if keep is None or keep(r)])
         if filename.endswith(".jsonl"):
             return _prompts([r[field] for r in _jsonl(path)])
-        with _need(path).open(encoding="utf-8") as fh:
-            return _prompts(json.load(fh)["instructions"])
+        return _prompts(_json(path)["instructions"])
 
     return read
 
@@ -308,6 +312,9 @@ def _load_local(name: str, split: str, root: str) -> tuple[dict, ...]:
             f"dataset {name!r}: {exc.args[0]} is missing under the data root; pass --data-root "
             f"or set {ENV}, or use the hub source (hub=True) when online"
         ) from None
+    except (KeyError, TypeError, ValueError) as exc:  # a row without the fields its reader needs
+        raise SinkguardError(f"dataset {name!r} under {root} has a row without the expected fields ({exc!r}); "
+                             "restore its file") from None
     return tuple(_validate(name, rows))
 
 

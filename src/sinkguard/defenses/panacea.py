@@ -25,6 +25,7 @@ from ..errors import SinkguardError
 from . import Defense, register
 from .sft import SFTConfig, SinkguardTrainer
 from .state import BatchStream, CheckpointedStateMixin
+from .vaccine import global_norm
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,6 @@ class PanaceaConfig(SFTConfig):
             raise SinkguardError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
         if self.harmful_samples is not None and self.harmful_samples < 1:
             raise SinkguardError(f"harmful_samples must be >= 1, got {self.harmful_samples}")
-
-
-def global_norm(tensors) -> torch.Tensor:
-    """The L2 norm of several tensors taken together (float32)."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]))
 
 
 class PanaceaTrainer(CheckpointedStateMixin, SinkguardTrainer):

@@ -6,7 +6,9 @@ respect to their attention output on one harmful batch; every `lisa_interval_ste
 `lisa_activated_layers` (S) distinct layers are drawn with probability norm / sum of norms. Only the
 chosen layers' attention parameters train and only their outputs are perturbed (Vaccine's two-pass
 step, global norm over the chosen layers); the other decoder layers run under activation
-checkpointing, the source of the memory saving (see docs/methods/tvaccine.md).
+checkpointing, the source of the memory saving (see docs/methods/tvaccine.md). The last scores and
+draw are saved with each checkpoint, so a resumed run scores and draws at the same steps, with the
+same results, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example, reference_pools
 from ..errors import SinkguardError
 from . import Defense, register
+from .state import CheckpointedStateMixin
 from .vaccine import PerturbationTrainer, VaccineConfig
 
 log = logging.getLogger(__name__)
@@ -50,14 +53,17 @@ class TVaccineConfig(VaccineConfig):
     )
     checkpoint_reentrant: bool = field(
         default=True, metadata={"help": "official (torch 2.1 default): reentrant checkpointing, under which the "
-                                "layers below the first active one get no gradient; False: exact gradients"}
+                                "checkpointed layers below the lowest un-checkpointed one get no gradient; "
+                                "False: exact gradients"}
     )
     previous_layer_threshold: int = field(
         default=26, metadata={"help": "official: with more layers than this, the layer before each chosen one "
                               "also runs without checkpointing"}
     )
     harmful_system_prompt: str | None = field(
-        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the tokenised harmful scoring set"}
+        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system turn of every harmful scoring example (default: "
+                                                 "the fine-tuning rows' prompt; the alignment rows have none "
+                                                 "by default; null or '': no system turn)"}
     )
 
     def __post_init__(self) -> None:
@@ -68,8 +74,10 @@ class TVaccineConfig(VaccineConfig):
                 raise SinkguardError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-class TVaccineTrainer(PerturbationTrainer):
+class TVaccineTrainer(CheckpointedStateMixin, PerturbationTrainer):
     """T-Vaccine: gradient-norm layer scoring, sampled active layers, perturbation on those only."""
+
+    state_file = "tvaccine_layers"
 
     multiprocess_unsupported = (
         "it freezes and unfreezes layers (requires_grad) every few steps and runs the others under "
@@ -109,6 +117,19 @@ class TVaccineTrainer(PerturbationTrainer):
         if self.active_layers is None:
             raise SinkguardError("T-Vaccine has no active layers yet: prepare_step runs first")
         return list(self.active_layers)
+
+    def checkpoint_state(self):
+        """The last layer scores and draw: a resume keeps them until the next K / J step, as an
+        uninterrupted run does (rescoring at the resume step would change both)."""
+        if self.layer_norms is None or self.active_layers is None:
+            return None
+        return {"layer_norms": torch.tensor(self.layer_norms, dtype=torch.float64),
+                "active_layers": torch.tensor(self.active_layers, dtype=torch.long)}, {}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        self.layer_norms = tensors["layer_norms"].tolist()
+        self.layer_probabilities = self.probabilities(self.layer_norms)
+        self.active_layers = tensors["active_layers"].tolist()
 
     # --- layer scoring and selection ---------------------------------------------------------
 

@@ -1,18 +1,23 @@
-"""Evaluation: batched generation, harmful score, fine-tune accuracy, the harmfulness judge."""
+"""Evaluation: batched generation, harmful score, fine-tune accuracy, the harmfulness judge.
 
-from .generation import generate as generate
-from .generation import read_generations as read_generations
-from .generation import render_prompt as render_prompt
-from .judge import Judge as Judge
-from .judge import JudgeConfig as JudgeConfig
-from .judge import evaluate_judge as evaluate_judge
-from .judge import is_refusal as is_refusal
-from .judge import load_judge as load_judge
-from .judge import refusal_rate as refusal_rate
-from .judge import train_judge as train_judge
-from .metrics import accuracy as accuracy
-from .metrics import extract_number as extract_number
-from .metrics import finetune_accuracy as finetune_accuracy
-from .metrics import harmful_score as harmful_score
-from .metrics import is_correct as is_correct
-from .metrics import label_correct as label_correct
+The public names load on first use (PEP 562), so importing a submodule such as `judge_data`
+for its constants (the CLI does, to list choices) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "generation": ("generate", "read_generations", "render_prompt"),
+    "judge": ("Judge", "JudgeConfig", "evaluate_judge", "is_refusal", "load_judge", "refusal_rate", "train_judge"),
+    "metrics": ("accuracy", "extract_number", "finetune_accuracy", "harmful_score", "is_correct", "label_correct"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
