@@ -286,3 +286,13 @@ def test_post_finetuning_options_are_checked_against_the_dataclass(monkeypatch):
     assert ExperimentConfig(post_finetuning={"defenses": ["noop"], "options": {"noop": {"factor": 3}}}) \
         .post_finetuning.options == {"noop": {"factor": 3.0}}
     assert cfg.defense_options("noop") == {}
+
+
+def test_run_checks_the_model_first_but_a_dry_run_resolves_none(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\nmodel: no-such-org/no-such-model\nfinetuning: {defenses: [sft]}\n")
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "model 'no-such-org/no-such-model' is not a bundled alias" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r"), "--dry-run"]) == 0

@@ -81,3 +81,16 @@ def test_report_command_writes_table_and_csv(tmp_path, capsys):
     (tmp_path / "results.json").write_text('{"records": [')
     assert main(["report", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"records": [{"defen', "is not valid JSON"),
+    (b'{"name": "x"}', "has no 'records' list"),
+    (b"\xff\xfe{}", "is not valid JSON"),
+    (b'{"records": [{"defense": "sft"}]}', "record 0 lacks task, poison_ratio, seed"),
+])
+def test_report_refuses_a_damaged_results_file_in_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "results.json").write_bytes(content)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -78,8 +78,12 @@ class ExperimentConfig:
                 setattr(self, name, from_dict(cls, value, name))
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> ExperimentConfig:
-        """Read and validate a config file; unknown keys and bad values are one clear error."""
+    def from_yaml(cls, path: str | os.PathLike, resolve_model: bool = False) -> ExperimentConfig:
+        """Read and validate a config file; unknown keys and bad values are one clear error.
+
+        `resolve_model` also checks that the model can be loaded (in milliseconds, before the slower
+        stage validation); a dry run leaves it off, so it works offline for any hub model.
+        """
         path = Path(path)
         if not path.is_file():
             raise SinkguardError(f"config file {path} not found")
@@ -97,6 +101,10 @@ class ExperimentConfig:
         if unknown:
             raise SinkguardError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_KEYS)}")
         try:
+            if resolve_model:
+                from .models import check_model
+
+                check_model(coerce(raw.get("model", cls.model), str, "model"))
             return cls(**raw)
         except SinkguardError as exc:
             raise SinkguardError(f"{path}: {exc}") from None

@@ -377,6 +377,9 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
     return path
 
 
+RECORD_KEYS = ("defense", "task", "poison_ratio", "seed")  # what the tables and tests group by
+
+
 def load_results(run_dir: str | os.PathLike) -> dict:
     """A run's results.json, or one clear error."""
     import json
@@ -392,6 +395,11 @@ def load_results(run_dir: str | os.PathLike) -> dict:
         raise SinkguardError(f"{path} is not valid JSON (truncated?): rerun `sinkguard run CONFIG` to rewrite it") from None
     if not isinstance(results, dict) or not isinstance(results.get("records"), list):
         raise SinkguardError(f"{path} has no 'records' list: it is not a sinkguard results file")
+    for i, record in enumerate(results["records"]):
+        missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise SinkguardError(f"{path}: record {i} lacks {', '.join(missing)}: it is not a sinkguard results "
+                                 "file (or was edited); rerun `sinkguard run CONFIG` to rewrite it")
     return results
 
 

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                              "`sinkguard align` / `finetune` under torchrun or accelerate instead")
     from ..report import results_table, write_report
 
-    config = ExperimentConfig.from_yaml(args.config)
+    config = ExperimentConfig.from_yaml(args.config, resolve_model=not args.dry_run)  # dry run: offline
     if args.data_root:
         config.data_root = args.data_root
     run_dir = Path(args.run_dir or Path("runs") / config.name)

@@ -20,7 +20,7 @@ import torch
 
 from ..data.formatting import messages
 from ..errors import SinkguardError
-from ..io import write_jsonl
+from ..io import read_text, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ def _read_rows(path: Path) -> list[dict]:
     """Rows already written; a torn last line (a crash mid-write) is dropped and the file repaired."""
     if not path.is_file():
         return []
-    with path.open(encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
+    lines = read_text(path, "answers file").split("\n")
     rows, torn = [], False
     for k, line in enumerate(lines):
         if not line.strip():
