@@ -237,8 +237,10 @@ def count_positive(divergence: Tensor) -> int:
 
 
 def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: str = "train",
-            sink_index: int = 0, batch_size: int = 8, max_length: int = 512, data_root=None) -> dict:
-    """Compute, save and return the divergence summary of `model_name` (JSON + heatmap in `out`)."""
+            sink_index: int = 0, batch_size: int = 8, max_length: int = 512, data_root=None,
+            template: str = "chat") -> dict:
+    """Compute, save and return the divergence summary of `model_name` (JSON + heatmap in `out`); the
+    (prompt, response) texts are in `template`, the format the model was trained with."""
     from .data import encode_text, load_source, reference_pools
     from .io import write_json
     from .models import load_model, load_tokenizer
@@ -257,7 +259,7 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
     model = load_model(model_name).eval()
 
     def encode(rows):
-        return [encode_text(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+        return [encode_text(tokenizer, r["prompt"], r["response"], max_length, template) for r in rows]
 
     with torch.no_grad():
         div = mean_sink_values(model, encode(harmful), tokenizer.pad_token_id, batch_size, sink_index,
@@ -269,7 +271,7 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
         "model": str(model_name), "positive_heads": positive, "total_heads": div.numel(),
         "layers": div.shape[0], "heads": div.shape[1], "mean_divergence": float(div.mean()),
         "settings": {"samples_harmful": len(harmful), "samples_harmless": len(harmless),
-                     "split": split, "sink_index": sink_index, "max_length": max_length},
+                     "split": split, "sink_index": sink_index, "max_length": max_length, "template": template},
         "divergence": [[round(float(x), 7) for x in row] for row in div],
     }
     write_json(out / "sink_divergence.json", summary)

@@ -57,7 +57,8 @@ class TVaccineConfig(VaccineConfig):
                               "also runs without checkpointing"}
     )
     harmful_system_prompt: str | None = field(
-        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the tokenised harmful scoring set"}
+        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the tokenised harmful scoring set "
+                                                 "(template alpaca: none)"}
     )
 
     def __post_init__(self) -> None:
@@ -98,8 +99,8 @@ class TVaccineTrainer(PerturbationTrainer):
         if len(harmful) < args.prompt_data_size:
             raise SinkguardError(f"prompt_data_size={args.prompt_data_size} but the harmful pool has "
                                  f"{len(harmful)} rows; lower prompt_data_size")
-        rows = [encode_example(tokenizer, r["prompt"], r["response"], args.harmful_system_prompt, args.max_length)
-                for r in harmful[: args.prompt_data_size]]
+        rows = [encode_example(tokenizer, r["prompt"], r["response"], args.harmful_system_prompt, args.max_length,
+                               args.template) for r in harmful[: args.prompt_data_size]]
         rows = [r for r in rows if any(label != -100 for label in r["labels"])]
         if not rows:
             raise SinkguardError(f"no harmful scoring example fits in max_length={args.max_length} tokens")
