@@ -264,3 +264,28 @@ def test_antidote_calibrates_in_the_finetuning_template(base_model, tmp_path):
     with pytest.raises(SinkguardError, match="antidote option system_prompt needs template chat"):
         run_post_stage("antidote", base_model, tmp_path / "rep2", options={"system_prompt": "Be brief."},
                        template="alpaca")
+
+
+def test_a_study_on_a_base_model_runs_with_alpaca_end_to_end(base_model, tmp_path):
+    """Every stage of a study (alignment, fine-tuning with Surgery's pools, Antidote, evaluation with
+    the sink analysis) on a model whose tokenizer has no chat template."""
+    from test_experiment import KeywordJudge
+
+    from sinkguard.experiment import run_experiment
+
+    stage = dict(samples=6, epochs=1, max_steps=1, lr=1e-3, batch_size=3, max_length=64, template="alpaca")
+    config = ExperimentConfig(
+        name="alpaca", model=str(base_model), seeds=[1],
+        alignment=dict(defenses=["sft"], lora=dict(r=2, alpha=4, dropout=0.0), **stage),
+        finetuning=dict(defenses=["surgery"], poison_ratios=[0.5], allow_drop=True, system_prompt=None,
+                        options={"surgery": {"alpha": 10.0, "pool_max_length": 64}}, **stage),
+        post_finetuning=dict(defenses=["antidote"], options={"antidote": {"samples": 3, "device": "cpu"}}),
+        evaluation=dict(template="alpaca", hs_sets=["beavertails"], hs_limit=2, benign_limit=0, fa_limit=2,
+                        max_new_tokens=2, batch_size=2, analyze_samples=2, evaluate_base=False),
+    )
+    results = run_experiment(config, tmp_path / "run", judge=KeywordJudge())
+    assert {(r["defense"], r["post"]) for r in results["records"]} == {
+        ("aligned", "none"), ("surgery", "none"), ("surgery", "antidote")}
+    assert all(r["positive_heads"] is not None for r in results["records"])
+    logs = sorted((tmp_path / "run" / "stages").glob("*/train_log.json"))
+    assert len(logs) == 2 and all(json.loads(p.read_text())["template"] == "alpaca" for p in logs)
