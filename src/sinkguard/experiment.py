@@ -215,8 +215,8 @@ class Experiment:
         rows = alignment_dataset(a.samples, cfg.data_root)
         lora = dataclasses.asdict(a.lora) if a.lora else None
         path = run_stage("alignment", job["defense"], cfg.model, rows, self.run_dir / job["folder"], lora=lora,
-                         system_prompt=a.system_prompt or None, data_root=cfg.data_root, dtype=a.dtype,
-                         template=a.template, settings={"seed": job["seed"], **job["settings"]}, overwrite=self.overwrite,
+                         system_prompt=a.system_prompt or None, template=a.template, data_root=cfg.data_root,
+                         dtype=a.dtype, settings={"seed": job["seed"], **job["settings"]}, overwrite=self.overwrite,
                          **stage_arguments(a, job["seed"]), **job["settings"]["options"])
         return str(path)
 
@@ -229,9 +229,9 @@ class Experiment:
         rows = poisoned_dataset(job["task"], f.samples, job["poison_ratio"], f.attack, job["seed"], cfg.data_root)
         lora = dataclasses.asdict(f.lora) if f.lora else None
         path = run_stage("finetuning", job["defense"], base, rows, self.run_dir / job["folder"], lora=lora,
-                         system_prompt=f.system_prompt or None, data_root=cfg.data_root, dtype=f.dtype,
-                         template=f.template, settings={"task": job["task"], "poison_ratio": job["poison_ratio"], "seed": job["seed"],
-                                   **job["settings"]},
+                         system_prompt=f.system_prompt or None, template=f.template, data_root=cfg.data_root,
+                         dtype=f.dtype, settings={"task": job["task"], "poison_ratio": job["poison_ratio"],
+                                                  "seed": job["seed"], **job["settings"]},
                          overwrite=self.overwrite, allow_drop=f.allow_drop, keep_checkpoints=f.keep_checkpoints,
                          **stage_arguments(f, job["seed"]), **job["settings"]["options"])
         return str(path)
