@@ -20,10 +20,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .data.formatting import DEFAULT_SYSTEM_PROMPT
+from .data.formatting import DEFAULT_SYSTEM_PROMPT, TEMPLATES, drop_system_prompts
 from .errors import SinkguardError
 
-TEMPLATES = ("chat", "alpaca")
 LOCAL_JUDGE = "local"  # `judge:` value of the trained CPU judge (evaluate.judge.load_judge)
 MATCH_MODES = ("contains", "exact", "first")
 # TrainingArguments fields set from a stage's own keys: an option may not set them.
@@ -31,7 +30,7 @@ STAGE_KEYS = {
     "output_dir": "the stage folder", "learning_rate": "lr", "num_train_epochs": "epochs",
     "max_steps": "max_steps", "per_device_train_batch_size": "batch_size",
     "gradient_accumulation_steps": "grad_accum", "max_length": "max_length", "seed": "seeds / --seed",
-    "save_steps": "save_steps",
+    "save_steps": "save_steps", "template": "template",
 }
 
 
@@ -341,6 +340,9 @@ class TrainingStage:
     lora: LoraSettings | None = setting(None, help="LoRA settings; null: full fine-tuning")
     system_prompt: str | None = setting(None, help="system prompt on the training rows ('' or null: none)",
                                         flag="--system-prompt")
+    template: str = setting("chat", help="row format of the stage and its defenses' extra sets: the model's "
+                            "chat template, or the official Llama-2 code's Alpaca prompt (answer + EOS in the loss; "
+                            "no system prompt)", flag="--template", choices=lambda: TEMPLATES)
     options: dict[str, dict[str, Any]] = setting(help="per-defense options {defense: {key: value}}",
                                                  factory=dict)
     dtype: str = setting("float32", help="dtype the model's weights are loaded in for training (the official "
@@ -353,6 +355,7 @@ class TrainingStage:
         _check_choice(self.defenses, {"choices": _defenses(self.stage)}, label("defenses"))
         if self.max_steps == 0:
             raise SinkguardError(f"{label('max_steps')} must be -1 (run the epochs) or >= 1, got 0")
+        drop_system_prompts(self, self.template, label)  # alpaca: the default prompt goes, others are errors
         if not isinstance(self.options, dict):
             raise SinkguardError(f"{section}.options must map a defense name to its settings")
         for name, opts in self.options.items():
@@ -361,7 +364,8 @@ class TrainingStage:
         from .train import make_config, stage_arguments
 
         for name in dict.fromkeys([*self.defenses, *self.options]):  # the defense's own checks (its __post_init__), before any model loads
-            make_config(name, self.stage, "unused", **stage_arguments(self, 0), **self.defense_options(name))
+            make_config(name, self.stage, "unused", template=self.template, **stage_arguments(self, 0),
+                        **self.defense_options(name))
 
     def defense_options(self, defense: str) -> dict[str, Any]:
         """The options given for `defense` (empty when none)."""
@@ -394,7 +398,7 @@ class FinetuningConfig(TrainingStage):
     attack: str = setting("beavertails", help="harmful rows mixed in", flag="--attack", choices=_attacks)
     epochs: float = setting(2.0, help="epochs", flag="--epochs", lo=0, lo_open=True)
     system_prompt: str | None = setting(DEFAULT_SYSTEM_PROMPT, help="system prompt on the task rows "
-                                        "('' or null: none)", flag="--system-prompt")
+                                        "('' or null: none; template alpaca: none)", flag="--system-prompt")
     allow_drop: bool = setting(False, help="accept a real poison ratio off the asked one by more than 0.02 "
                                "after rows too long for max_length are dropped", flag="--allow-drop")
     keep_checkpoints: int = setting(0, help="save and keep about N evenly spaced checkpoints' weights (for "

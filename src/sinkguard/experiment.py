@@ -123,12 +123,13 @@ def stage_hash(*parts: Any) -> str:
 def _stage_settings(stage, defense: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """A training stage's settings for one defense: its keys (less lists it loops over) and that defense's options.
 
-    `keep_checkpoints` counts only when set (it keeps checkpoints, the model is the same), and
-    `dtype` only when not float32, so stages keep the hashes they had before these keys existed.
+    `keep_checkpoints` counts only when set (it keeps checkpoints, the model is the same), `dtype`
+    only when not float32 and `template` only when not chat, so stages keep the hashes they had
+    before these keys existed.
     """
     settings = {k: v for k, v in dataclasses.asdict(stage).items()
                 if k not in ("defenses", "options", *skip) and not (k == "keep_checkpoints" and not v)
-                and not (k == "dtype" and v == "float32")}
+                and not (k == "dtype" and v == "float32") and not (k == "template" and v == "chat")}
     return {**settings, "defense": defense, "options": stage.defense_options(defense)}
 
 
@@ -222,8 +223,8 @@ class Experiment:
         rows = alignment_dataset(a.samples, cfg.data_root)
         lora = dataclasses.asdict(a.lora) if a.lora else None
         path = run_stage("alignment", job["defense"], cfg.model, rows, self.run_dir / job["folder"], lora=lora,
-                         system_prompt=a.system_prompt or None, data_root=cfg.data_root, dtype=a.dtype,
-                         settings={"seed": job["seed"], **job["settings"]}, overwrite=self.overwrite,
+                         system_prompt=a.system_prompt or None, template=a.template, data_root=cfg.data_root,
+                         dtype=a.dtype, settings={"seed": job["seed"], **job["settings"]}, overwrite=self.overwrite,
                          **stage_arguments(a, job["seed"]), **job["settings"]["options"])
         return str(path)
 
@@ -236,21 +237,23 @@ class Experiment:
         rows = poisoned_dataset(job["task"], f.samples, job["poison_ratio"], f.attack, job["seed"], cfg.data_root)
         lora = dataclasses.asdict(f.lora) if f.lora else None
         path = run_stage("finetuning", job["defense"], base, rows, self.run_dir / job["folder"], lora=lora,
-                         system_prompt=f.system_prompt or None, data_root=cfg.data_root, dtype=f.dtype,
-                         settings={"task": job["task"], "poison_ratio": job["poison_ratio"], "seed": job["seed"],
-                                   **job["settings"]},
+                         system_prompt=f.system_prompt or None, template=f.template, data_root=cfg.data_root,
+                         dtype=f.dtype, settings={"task": job["task"], "poison_ratio": job["poison_ratio"],
+                                                  "seed": job["seed"], **job["settings"]},
                          overwrite=self.overwrite, allow_drop=f.allow_drop, keep_checkpoints=f.keep_checkpoints,
                          **stage_arguments(f, job["seed"]), **job["settings"]["options"])
         return str(path)
 
     def repair(self, job: dict, tuned: str) -> str:
-        """Run a post-fine-tuning job of the plan on fine-tuned model `tuned`; the repaired model's path."""
+        """Run a post-fine-tuning job of the plan on fine-tuned model `tuned` (its calibration rows in the
+        fine-tuning stage's template); the repaired model's path."""
         from .train import run_post_stage
 
         adapter = Path(tuned).parent / "adapter"
         path = run_post_stage(job["defense"], tuned, self.run_dir / job["folder"],
                               options=job["settings"]["options"], data_root=self.config.data_root,
-                              adapter_dir=adapter if adapter.is_dir() else None, overwrite=self.overwrite)
+                              adapter_dir=adapter if adapter.is_dir() else None, overwrite=self.overwrite,
+                              template=self.config.finetuning.template)
         return str(path)
 
     def evaluate(self, model_path: str, model_hash: str, task: str) -> dict:

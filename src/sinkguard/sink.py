@@ -237,8 +237,10 @@ def count_positive(divergence: Tensor) -> int:
 
 
 def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: str = "train",
-            sink_index: int = 0, batch_size: int = 8, max_length: int = 512, data_root=None) -> dict:
-    """Compute, save and return the divergence summary of `model_name` (JSON + heatmap in `out`)."""
+            sink_index: int = 0, batch_size: int = 8, max_length: int = 512, data_root=None,
+            template: str = "chat") -> dict:
+    """Compute, save and return the divergence summary of `model_name` (JSON + heatmap in `out`); the
+    (prompt, response) texts are in `template`, the format the model was trained with."""
     from .data import encode_text, load_source, reference_pools
     from .io import write_json
     from .models import load_model, load_tokenizer
@@ -256,7 +258,7 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
         harmless = [r for r in rows if r["is_safe"]]
     harmful, harmless = harmful[:samples], harmless[:samples]
     tokenizer = load_tokenizer(model_name)
-    texts = {name: [encode_text(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+    texts = {name: [encode_text(tokenizer, r["prompt"], r["response"], max_length, template) for r in rows]
              for name, rows in (("harmful", harmful), ("harmless", harmless))}
     shortest = min(len(t) for group in texts.values() for t in group)
     if sink_index >= shortest:
@@ -273,7 +275,7 @@ def analyze(model_name: str, out: str | os.PathLike, samples: int = 64, split: s
         "model": str(model_name), "positive_heads": positive, "total_heads": div.numel(),
         "layers": div.shape[0], "heads": div.shape[1], "mean_divergence": float(div.mean()),
         "settings": {"samples_harmful": len(harmful), "samples_harmless": len(harmless),
-                     "split": split, "sink_index": sink_index, "max_length": max_length},
+                     "split": split, "sink_index": sink_index, "max_length": max_length, "template": template},
         "divergence": [[round(float(x), 7) for x in row] for row in div],
     }
     write_json(out / "sink_divergence.json", summary)

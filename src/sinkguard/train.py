@@ -21,6 +21,7 @@ import torch
 
 from . import stamp
 from .data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example
+from .data.formatting import check_template, drop_system_prompts
 from .defenses import get_defense
 from .distributed import check_launch, check_trainer, has_accelerator
 from .errors import SinkguardError
@@ -75,18 +76,21 @@ def lora_config(r: int = 8, alpha: float = 4.0, dropout: float = 0.1, target_mod
 
 
 def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_length: int,
-                  allow_drop: bool = False) -> tuple[list[dict], dict[str, Any]]:
-    """Chat-formatted, answer-only-loss examples and a summary; rows whose prompt fills the budget are dropped.
+                  allow_drop: bool = False, template: str = "chat") -> tuple[list[dict], dict[str, Any]]:
+    """Answer-only-loss examples in `template` (chat or alpaca) and a summary; rows whose prompt fills
+    the budget are dropped.
 
     When rows carry `harmful`, dropping changes the poison ratio: the real one is reported, and a
     change of more than 0.02 is an error unless `allow_drop`.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise SinkguardError("the model's tokenizer has no chat template, which sinkguard formats training rows "
-                             "with; use a model that ships one (an -Instruct / -chat model)")
+    check_template(template)
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise SinkguardError("the model's tokenizer has no chat template, which template chat formats training "
+                             "rows with; use template alpaca (the official Llama-2 format) or a model that ships "
+                             "one (an -Instruct / -chat model)")
     out, kept = [], []
     for r in rows:
-        ex = encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length)
+        ex = encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length, template)
         if any(label != -100 for label in ex["labels"]):
             out.append(ex)
             kept.append(r)
@@ -149,10 +153,11 @@ def run_stage(
     allow_drop: bool = False,
     keep_checkpoints: int = 0,
     dtype: str = "float32",
+    template: str = "chat",
     **config_overrides,
 ) -> Path:
-    """Train `model_name` on `rows` with `defense`, its weights loaded in `dtype`; return the saved model
-    directory `out/model`.
+    """Train `model_name` on `rows` with `defense`, its weights loaded in `dtype`, the rows (and the
+    defense's extra sets) in `template` (chat or alpaca); return the saved model directory `out/model`.
 
     Rerunning on the same `out_dir` with the same settings and inputs resumes from the last
     checkpoint, or reuses a finished run; other settings are an error unless `overwrite`.
@@ -163,7 +168,10 @@ def run_stage(
     final = out / "model"
     check_launch()
     spec = get_defense(defense, stage)
-    args = make_config(defense, stage, out, **config_overrides)
+    args = make_config(defense, stage, out, template=template, **config_overrides)
+    if template == "alpaca" and system_prompt:
+        raise SinkguardError("system_prompt needs template chat (the Alpaca prompt has no system turn); "
+                             "pass system_prompt=None")
     resolve(model_name)  # an unknown model fails here, before the folder is claimed
     if keep_checkpoints < 0:
         raise SinkguardError(f"keep_checkpoints must be >= 0, got {keep_checkpoints}")
@@ -171,6 +179,7 @@ def run_stage(
               "system_prompt": system_prompt, "allow_drop": allow_drop,
               **({"keep_checkpoints": keep_checkpoints} if keep_checkpoints else {}),
               **({"dtype": dtype} if dtype != "float32" else {}),  # float32 runs keep their earlier records
+              **({"template": template} if template != "chat" else {}),  # and chat runs theirs
               **{k: v for k, v in sorted(config_overrides.items())}}
     inputs = {"rows": stamp.digest(rows), "model": stamp.path_fingerprint(model_name)}
     done = stamp.claim(out, record, inputs, STAGE_OUTPUTS, overwrite)
@@ -178,7 +187,8 @@ def run_stage(
         log.info("%s: already trained with these settings, reusing %s", stage, final)
         return final
     tokenizer = load_tokenizer(model_name)
-    train_dataset, data_summary = tokenize_rows(rows, tokenizer, system_prompt, args.max_length, allow_drop)
+    train_dataset, data_summary = tokenize_rows(rows, tokenizer, system_prompt, args.max_length, allow_drop,
+                                                template)
     total = planned_steps(len(train_dataset), args.per_device_train_batch_size,
                           args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps)
     if keep_checkpoints:
@@ -225,7 +235,7 @@ def run_stage(
         _replace_dir(tmp, final)
         write_json(out / "train_log.json", {
             "stage": stage, "defense": defense, "model": str(model_name), **data_summary,
-            "lora": lora, "system_prompt": system_prompt, "wall_s": round(time.time() - start, 1),
+            "lora": lora, "system_prompt": system_prompt, "template": template, "wall_s": round(time.time() - start, 1),
             "train_loss": result.training_loss, "settings": settings or {}, "processes": args.world_size,
             "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
             "log_history": trainer.state.log_history,
@@ -248,9 +258,11 @@ def run_post_stage(
     adapter_dir: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
     overwrite: bool = False,
+    template: str = "chat",
 ) -> Path:
     """Apply a post-fine-tuning defense to `model_dir` into `out_dir`; return the repaired model's folder.
 
+    `template`: the format `model_dir` was fine-tuned with (the defense's calibration rows use it).
     Same reuse rules as `run_stage`: a finished folder with the same settings and inputs is reused.
     """
     from .config import check_options
@@ -261,8 +273,11 @@ def run_post_stage(
         config = spec.config_cls(**options)
     except (TypeError, ValueError) as exc:
         raise SinkguardError(f"defense {defense!r} (post_finetuning): invalid settings: {exc}") from None
+    check_template(template)
+    drop_system_prompts(config, template, lambda name: f"{defense} option {name}")
     out = Path(out_dir)
-    record = {"stage": "post_finetuning", "defense": defense, "options": options}
+    record = {"stage": "post_finetuning", "defense": defense, "options": options,
+              **({"template": template} if template != "chat" else {})}
     inputs = {"model": stamp.path_fingerprint(model_dir),
               "adapter": stamp.path_fingerprint(adapter_dir) if adapter_dir else "none"}
     done = stamp.claim(out, record, inputs, ("model", "repair_log.json"), overwrite)
@@ -271,7 +286,8 @@ def run_post_stage(
         return out / done["finished"]["model"]
     start = time.time()
     path = Path(spec.apply(Path(model_dir), out, config, data_root=data_root,
-                           adapter_dir=Path(adapter_dir) if adapter_dir else None))
+                           adapter_dir=Path(adapter_dir) if adapter_dir else None,
+                           **({"template": template} if template != "chat" else {})))  # chat: as before
     if not (path / "config.json").is_file():
         raise SinkguardError(f"post-fine-tuning defense {defense!r} returned {path}, which holds no model")
     if not (path / "tokenizer_config.json").is_file():  # the repaired model keeps its tokenizer

@@ -60,7 +60,8 @@ def launch(config: TrainingStage, args: argparse.Namespace, rows: list[dict]) ->
                 **dataclasses.asdict(config)}
     path = run_stage(config.stage, defense, args.model, rows, args.out,
                      lora=dataclasses.asdict(config.lora) if config.lora else None,
-                     system_prompt=config.system_prompt or None, data_root=args.data_root, settings=settings,
+                     system_prompt=config.system_prompt or None, template=config.template,
+                     data_root=args.data_root, settings=settings,
                      overwrite=args.overwrite, allow_drop=getattr(config, "allow_drop", False),
                      keep_checkpoints=getattr(config, "keep_checkpoints", 0),
                      **stage_arguments(config, args.seed), **config.defense_options(defense))

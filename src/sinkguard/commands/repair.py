@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..config import PostFinetuningConfig, add_config_args
+from ..data.formatting import TEMPLATES
 from .common import add_data_root, add_overwrite
 
 
@@ -23,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=None,
                    help="Antidote: harmful calibration rows (default: all the data allows, disjoint from the attack "
                         "rows; same as --set samples=...)")
+    p.add_argument("--template", choices=TEMPLATES, default="chat",
+                   help="format MODEL was fine-tuned with, used for the calibration rows (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
     add_overwrite(p)
     p.set_defaults(func=run)
@@ -47,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
     defense = config.defenses[0]
     path = run_post_stage(defense, model, args.out, options=config.defense_options(defense),
                           adapter_dir=adapter if (adapter / "adapter_config.json").is_file() else None,
-                          data_root=args.data_root, overwrite=args.overwrite)
+                          data_root=args.data_root, overwrite=args.overwrite, template=args.template)
     print(f"post_finetuning {defense} done: model saved to {path}")
     return 0

@@ -68,9 +68,11 @@ def render_estimates(config, plan: list[dict], devices: int = 1) -> str:
         head = (f"estimates ({config.model}: {facts.params() / 1e9:.2f}B parameters; memory per device, {shard}; "
                 "steps of one process; upper bounds: every example at its token limit):")
     lines = [head]
-    if facts is not None and facts.chat_template is False:
-        lines.append(f"  warning: {config.model}'s tokenizer ships no chat template, which sinkguard formats "
-                     "training rows with: the run stops at its first training stage")
+    chat = [name for name in ("alignment", "finetuning", "evaluation")
+            if getattr(config, name) is not None and getattr(config, name).template == "chat"]
+    if facts is not None and facts.chat_template is False and chat:
+        lines.append(f"  warning: {config.model}'s tokenizer ships no chat template, which template chat "
+                     f"({', '.join(chat)}) formats rows with: the run stops there; set template: alpaca")
     total = 0
     for (stage_name, defense), jobs in groups.items():
         stage = getattr(config, stage_name)

@@ -25,8 +25,10 @@ class Defense:
     """A registered method at one stage.
 
     Training stages: `config_cls` is a TrainingArguments subclass, `trainer_cls` a Trainer.
-    Post-fine-tuning: `config_cls` is a plain dataclass and `apply(model_dir, out_dir, config,
-    **kwargs) -> Path` writes the repaired model. `fidelity` is "official code", "paper only" or "baseline".
+    Post-fine-tuning: `config_cls` is a plain dataclass and `apply(model_dir, out_dir, config, *,
+    data_root, adapter_dir, [template]) -> Path` writes the repaired model (`template`, the format
+    the model was fine-tuned with, is passed only when it is not chat). `fidelity` is "official
+    code", "paper only" or "baseline".
     """
 
     name: str

@@ -97,9 +97,9 @@ class AntibodyFinetuningConfig(SFTConfig):
             raise SinkguardError("refusal_text must not be empty")
 
 
-def refusal_answer_ids(tokenizer, refusal_text: str) -> list[int]:
+def refusal_answer_ids(tokenizer, refusal_text: str, template: str = "chat") -> list[int]:
     """Token ids of `refusal_text` as the assistant's answer (what follows the generation prompt)."""
-    ex = encode_example(tokenizer, "refusal probe", refusal_text, None, 10**6)
+    ex = encode_example(tokenizer, "refusal probe", refusal_text, None, 10**6, template)
     ids = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
     if not ids:
         raise SinkguardError(f"refusal_text {refusal_text!r} encodes to no answer token")
@@ -154,9 +154,10 @@ class AntibodyAlignmentTrainer(HarmfulStepTrainer):
 
         pairs = []
         for r in defense_harmful_set(args.bad_sample_num or None, data_root):
-            h = encode_example(tokenizer, r["prompt"], r["response"], args.harmful_system_prompt, args.max_length)
+            h = encode_example(tokenizer, r["prompt"], r["response"], args.harmful_system_prompt, args.max_length,
+                               args.template)
             s = encode_example(tokenizer, r["prompt"], args.refusal_text, args.harmful_system_prompt,
-                               args.max_length)
+                               args.max_length, args.template)
             if any(x != IGNORE_INDEX for x in h["labels"]) and any(x != IGNORE_INDEX for x in s["labels"]):
                 pairs.append((h, s))
         if not pairs:
@@ -223,7 +224,7 @@ class AntibodyFinetuningTrainer(SinkguardTrainer):
 
     @classmethod
     def defense_inputs(cls, args: AntibodyFinetuningConfig, tokenizer, data_root=None) -> dict:
-        return {"refusal_ids": refusal_answer_ids(tokenizer, args.refusal_text)}
+        return {"refusal_ids": refusal_answer_ids(tokenizer, args.refusal_text, args.template)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import DEFAULT_SYSTEM_PROMPT, PadCollator, defense_harmful_set, encode_example
+from ..data.formatting import drop_system_prompts
 from ..errors import SinkguardError
 from ..io import write_json
 from . import Defense, register
@@ -53,7 +54,8 @@ class AntidoteConfig:
                                       "dense_ratio)); 'floor' int(dense_ratio * n)"}
     )
     system_prompt: str | None = field(
-        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the harmful rows (as the task rows)"}
+        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the harmful rows (as the task rows; "
+                                                 "template alpaca: none)"}
     )
     max_length: int = field(default=2048, metadata={"help": "token limit per harmful row (official 2048)"})
     batch_size: int = field(
@@ -179,12 +181,15 @@ def _load(model_dir: Path, adapter: Path | None, device: str):
 
 
 def apply(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: AntidoteConfig | None = None, *,
-          data_root: str | os.PathLike | None = None, adapter_dir: str | os.PathLike | None = None) -> Path:
+          data_root: str | os.PathLike | None = None, adapter_dir: str | os.PathLike | None = None,
+          template: str = "chat") -> Path:
     """Prune `model_dir` (or its fine-tuning adapter) into `out_dir/model`; log to `out_dir/repair_log.json`.
+    The calibration rows are in `template`, the format the model was fine-tuned with.
 
     A finished repair (both present) is reused.
     """
     config = config or AntidoteConfig()
+    drop_system_prompts(config, template, lambda name: f"antidote option {name}")
     model_dir, out = Path(model_dir), Path(out_dir)
     final = out / "model"
     if (final / "config.json").is_file() and (out / "repair_log.json").is_file():
@@ -197,8 +202,8 @@ def apply(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Anti
     model.eval()
     modules = target_linears(model, adapter is not None, config.target_modules)
     rows = defense_harmful_set(config.samples, data_root)
-    encoded = [encode_example(tokenizer, r["prompt"], r["response"], config.system_prompt, config.max_length)
-               for r in rows]
+    encoded = [encode_example(tokenizer, r["prompt"], r["response"], config.system_prompt, config.max_length,
+                              template) for r in rows]
     pad = PadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     batches = (
         {k: v.to(device) for k, v in pad(encoded[i: i + config.batch_size]).items()}
@@ -232,7 +237,7 @@ def apply(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Anti
         "defense": "antidote", "model": str(model_dir), "adapter": str(adapter) if adapter else None,
         "branch": "lora" if adapter is not None else "full", "calibration_rows": n_rows,
         "pruned": pruned, "pruned_total": sum(pruned.values()), "weights_in_targets": weights,
-        "config": asdict(config), "wall_s": round(time.time() - start, 1),
+        "config": asdict(config), "template": template, "wall_s": round(time.time() - start, 1),
     })
     log.info("antidote: pruned %d of %d weights in %d modules -> %s", sum(pruned.values()), weights,
              len(pruned), final)

@@ -38,7 +38,8 @@ class HarmfulSetConfig(SFTConfig):
         "help": "harmful (prompt, harmful answer) rows, disjoint from the attack rows; 0 = all available "
                 "(426 in the bundled data; official Booster 5000, T-Vaccine's RepNoise 2000)"})
     harmful_system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={
-        "help": "system prompt of the tokenised harmful rows (the alignment rows' one)"})
+        "help": "system prompt of the tokenised harmful rows (the alignment rows' one; "
+                "template alpaca: none)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,7 +116,7 @@ class HarmfulStepTrainer(PerturbationTrainer):
     def defense_inputs(cls, args: HarmfulSetConfig, tokenizer, data_root=None) -> dict:
         """The first `bad_sample_num` rows of the defense harmful set, tokenised."""
         return {"harmful_set": harmful_rows(tokenizer, args.bad_sample_num, args.max_length,
-                                            args.harmful_system_prompt, data_root)}
+                                            args.harmful_system_prompt, data_root, args.template)}
 
     def next_harmful(self) -> dict[str, torch.Tensor]:
         """This micro-batch's harmful batch: a function of (seed, global step, micro-batch index)."""

@@ -17,13 +17,14 @@ from ..errors import SinkguardError
 
 
 def harmful_rows(tokenizer, n: int, max_length: int, system_prompt: str | None,
-                 data_root=None) -> list[dict]:
+                 data_root=None, template: str = "chat") -> list[dict]:
     """The first `n` rows of the defense harmful set (`n` = 0: all of them), tokenised like the
-    alignment rows (chat template, loss on the answer only); rows with no answer token left are dropped."""
+    alignment rows (the stage's template, loss on the answer only); rows with no answer token left are dropped."""
     if n < 0:
         raise SinkguardError(f"bad_sample_num must be >= 0 (0 = every available row), got {n}")
     rows = defense_harmful_set(n or None, data_root)
-    encoded = [encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length) for r in rows]
+    encoded = [encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length, template)
+               for r in rows]
     encoded = [e for e in encoded if any(label != -100 for label in e["labels"])]
     if not encoded:
         raise SinkguardError(f"no harmful example keeps an answer token within max_length={max_length}")

@@ -111,7 +111,7 @@ class LisaTrainer(CheckpointedStateMixin, SinkguardTrainer):
         rows = alignment_dataset(args.guide_data_num, data_root) if args.guide_data_num is not None \
             else _all_refusals(data_root)
         encoded = [encode_example(tokenizer, r["prompt"], r["response"], args.alignment_system_prompt,
-                                  args.max_length) for r in rows]
+                                  args.max_length, args.template) for r in rows]
         encoded = [e for e in encoded if any(label != -100 for label in e["labels"])]
         if not encoded:
             raise SinkguardError(f"no alignment example fits in max_length={args.max_length} tokens")

@@ -47,7 +47,8 @@ class PanaceaConfig(SFTConfig):
         default=5.0, metadata={"help": "h(w + eps) is clamped at this value (official 5; no gradient above it)"}
     )
     harmful_system_prompt: str | None = field(
-        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the harmful rows (as the task rows)"}
+        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of the harmful rows (as the task rows; "
+                                                 "template alpaca: none)"}
     )
     add_perturbation: bool = field(
         default=True, metadata={"help": "official: True, the saved model carries the last eps; False: save the "
@@ -96,7 +97,7 @@ class PanaceaTrainer(CheckpointedStateMixin, SinkguardTrainer):
         """The defense harmful set (BeaverTails train rows no attack row uses), tokenised as the task rows."""
         rows = defense_harmful_set(args.harmful_samples, data_root)
         encoded = [encode_example(tokenizer, r["prompt"], r["response"], args.harmful_system_prompt,
-                                  args.max_length) for r in rows]
+                                  args.max_length, args.template) for r in rows]
         encoded = [e for e in encoded if any(label != -100 for label in e["labels"])]
         if not encoded:
             raise SinkguardError(f"no harmful example fits in max_length={args.max_length} tokens")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..data.formatting import check_template, drop_system_prompts
 from . import Defense, register
 
 # peft LoRA targets when a defense names none: every attention and MLP projection (T-Vaccine scripts).
@@ -38,6 +39,13 @@ class SFTConfig(TrainingArguments):
     report_to: str | list[str] | None = field(default="none", metadata={"help": "experiment trackers"})
     disable_tqdm: bool | None = field(default=False, metadata={"help": "hide the progress bar"})
     seed: int = field(default=43, metadata={"help": "random seed (the CLI's and YAML's default)"})
+    template: str = field(default="chat", metadata={
+        "help": "row format of the stage's rows and extra sets, chat or alpaca (the stage's `template`)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_template(self.template)
+        drop_system_prompts(self, self.template, lambda name: f"option {name}")
 
 
 class SinkguardTrainer(Trainer):

@@ -98,11 +98,11 @@ class SurgeryTrainer(SinkguardTrainer):
 
     @classmethod
     def defense_inputs(cls, args: SurgeryConfig, tokenizer, data_root=None) -> dict:
-        """Tokenised reference pools: chat-formatted (prompt, response) pairs, no system prompt."""
+        """Tokenised reference pools: (prompt, response) pairs in the stage's template, no system prompt."""
         harmful, harmless = reference_pools(data_root, args.pool_fraction, args.pool_source)
 
         def encode(row: dict) -> list[int]:
-            return encode_text(tokenizer, row["prompt"], row["response"], args.pool_max_length)
+            return encode_text(tokenizer, row["prompt"], row["response"], args.pool_max_length, args.template)
 
         return {"harmful_pool": LazyEncoded(harmful, encode), "harmless_pool": LazyEncoded(harmless, encode)}
 

@@ -63,7 +63,7 @@ class TVaccineConfig(VaccineConfig):
     harmful_system_prompt: str | None = field(
         default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system turn of every harmful scoring example (default: "
                                                  "the fine-tuning rows' prompt; the alignment rows have none "
-                                                 "by default; null or '': no system turn)"}
+                                                 "by default; null or '': no system turn; template alpaca: none)"}
     )
 
     def __post_init__(self) -> None:
@@ -106,8 +106,8 @@ class TVaccineTrainer(CheckpointedStateMixin, PerturbationTrainer):
         if len(harmful) < args.prompt_data_size:
             raise SinkguardError(f"prompt_data_size={args.prompt_data_size} but the harmful pool has "
                                  f"{len(harmful)} rows; lower prompt_data_size")
-        rows = [encode_example(tokenizer, r["prompt"], r["response"], args.harmful_system_prompt, args.max_length)
-                for r in harmful[: args.prompt_data_size]]
+        rows = [encode_example(tokenizer, r["prompt"], r["response"], args.harmful_system_prompt, args.max_length,
+                               args.template) for r in harmful[: args.prompt_data_size]]
         rows = [r for r in rows if any(label != -100 for label in r["labels"])]
         if not rows:
             raise SinkguardError(f"no harmful scoring example fits in max_length={args.max_length} tokens")

@@ -18,19 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.formatting import messages
+from ..data.formatting import ALPACA_TEMPLATE, check_template, messages
 from ..errors import SinkguardError
 from ..io import read_text, write_jsonl
 
 log = logging.getLogger(__name__)
-
-TEMPLATES = ("chat", "alpaca")
-# The official T-Vaccine / Vaccine evaluation prompt (no-input variant); Surgery's harmful-score
-# script uses the same text without the final newline.
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
-)
 
 
 def render_prompt(tokenizer, prompt: str, template: str = "chat", system_prompt: str | None = None) -> str:
@@ -39,8 +31,7 @@ def render_prompt(tokenizer, prompt: str, template: str = "chat", system_prompt:
         if system_prompt:
             raise SinkguardError("a system prompt needs the chat template; drop it or use template 'chat'")
         return ALPACA_TEMPLATE.format(prompt=prompt)
-    if template != "chat":
-        raise SinkguardError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    check_template(template)
     if not getattr(tokenizer, "chat_template", None):
         raise SinkguardError("this tokenizer has no chat template; use template 'alpaca' (--template alpaca)")
     return tokenizer.apply_chat_template(

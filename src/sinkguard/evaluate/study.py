@@ -97,7 +97,7 @@ def generate_answers(
     if e.analyze_samples:
         from ..sink import analyze
 
-        sink = analyze(model_path, out, samples=e.analyze_samples, data_root=data_root)
+        sink = analyze(model_path, out, samples=e.analyze_samples, data_root=data_root, template=e.template)
         result |= {k: sink[k] for k in ("positive_heads", "total_heads", "mean_divergence", "divergence")}
     result["wall_s"] = round(time.time() - start, 1)
     write_json(out / "eval.json", result)
