@@ -236,7 +236,7 @@ def test_make_config_keeps_the_defense_defaults(tmp_path, monkeypatch):
     assert args.lora_target_modules == ["q_proj", "v_proj"]
     assert (args.learning_rate, args.per_device_train_batch_size, args.seed) == (1e-4, 3, 7)
     sft = make_config("sft", "finetuning", tmp_path, **stage_arguments(stage, 7))
-    assert sft.lr_scheduler_type == "constant_with_warmup" and sft.lora_target_modules == LORA_TARGETS
+    assert (sft.lr_scheduler_type, sft.warmup_steps) == ("constant", 0) and sft.lora_target_modules == LORA_TARGETS
     tv = make_config("tvaccine", "alignment", tmp_path, **stage_arguments(AlignmentConfig(), 1))
     assert (tv.rho, tv.lisa_activated_layers, tv.probability_steps) == (3.0, 8, 200)
 

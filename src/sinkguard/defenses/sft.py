@@ -28,8 +28,10 @@ class SFTConfig(TrainingArguments):
         default_factory=lambda: list(LORA_TARGETS),
         metadata={"help": "modules a LoRA stage adapts (default: every attention and MLP projection)"},
     )
-    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "learning-rate schedule"})
-    warmup_steps: float = field(default=0.1, metadata={"help": "warm-up steps (a float below 1: share of the run)"})
+    lr_scheduler_type: str = field(default="constant", metadata={
+        "help": "learning-rate schedule (the Surgery scripts' constant: their --warmup_ratio 0.1 is ignored by it)"})
+    warmup_steps: float = field(default=0, metadata={"help": "warm-up steps (a float below 1: share of the run; "
+                                                     "official none)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
     save_strategy: str = field(default="steps", metadata={"help": "checkpoint schedule"})
