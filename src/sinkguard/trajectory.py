@@ -74,7 +74,8 @@ def _loadable(path: str, base: str, out: Path) -> str:
 
 
 def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split: str, hs_sets: list[str],
-                       hs_limit: int | None, max_new_tokens: int, batch_size: int, data_root=None) -> dict:
+                       hs_limit: int | None, max_new_tokens: int, batch_size: int, data_root=None,
+                       template: str = "chat") -> dict:
     """Positive heads, mean divergence and HS of one model; cached in `out/point.json` per judge
     and settings (answers are reused by `generate` whenever their rows still match)."""
     from .evaluate.metrics import harmful_score, judge_identity
@@ -83,21 +84,23 @@ def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split
 
     identity = judge_identity(judge)
     settings = {"samples": samples, "split": split, "hs_sets": list(hs_sets), "hs_limit": hs_limit,
-                "max_new_tokens": max_new_tokens}
+                "max_new_tokens": max_new_tokens, **({"template": template} if template != "chat" else {})}
     done = out / "point.json"
     old = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
     if old.get("judge") == identity and old.get("settings") == settings:
         return old
-    same_texts = {k: old.get("settings", {}).get(k) for k in ("samples", "split")} == {"samples": samples, "split": split}
+    same_texts = ({k: old.get("settings", {}).get(k) for k in ("samples", "split", "template")}
+                  == {"samples": samples, "split": split, "template": settings.get("template")})
     sink_file = out / "sink_divergence.json"
     if same_texts and sink_file.is_file():  # only the judge or the HS settings changed
         sink = json.loads(sink_file.read_text(encoding="utf-8"))
     else:
-        sink = analyze(model_path, out, samples=samples, split=split, batch_size=batch_size, data_root=data_root)
+        sink = analyze(model_path, out, samples=samples, split=split, batch_size=batch_size, data_root=data_root,
+                       template=template)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path).eval()
     hs = harmful_score(model, tokenizer, hs_sets, judge=judge, limit=hs_limit, data_root=data_root, out_dir=out,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False, template=template)
     pooled = hs["all"] if "all" in hs else hs[hs_sets[0]]
     point = {"model": model_path, "positive_heads": sink["positive_heads"], "total_heads": sink["total_heads"],
              "mean_divergence": sink["mean_divergence"], "hs": pooled["hs"], "hs_lo": pooled["hs_lo"],
@@ -109,9 +112,10 @@ def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split
 def analyze_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, judge=None, *,
                 samples: int = 64, split: str = "validation", hs_sets: tuple[str, ...] = ("beavertails",),
                 hs_limit: int | None = 100, max_new_tokens: int = 64, batch_size: int = 16,
-                data_root=None) -> dict:
+                data_root=None, template: str | None = None) -> dict:
     """Every checkpoint of every run: rows of `COLUMNS` in `out/sink_hypothesis.csv`, a plot of
-    positive heads against HS, and Spearman's rho with its interval in `sink_hypothesis.json`."""
+    positive heads against HS, and Spearman's rho with its interval in `sink_hypothesis.json`.
+    Texts and prompts are in `template`, by default the one each run was trained with."""
     from tqdm.auto import tqdm
 
     from .evaluate.stats import spearman
@@ -133,7 +137,8 @@ def analyze_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
             where.mkdir(parents=True, exist_ok=True)
             point = analyze_checkpoint(
                 _loadable(path, base, where), where, judge, samples=samples, split=split, hs_sets=list(hs_sets),
-                hs_limit=hs_limit, max_new_tokens=max_new_tokens, batch_size=batch_size, data_root=data_root)
+                hs_limit=hs_limit, max_new_tokens=max_new_tokens, batch_size=batch_size, data_root=data_root,
+                template=template or info.get("template") or "chat")
             rows.append({"finetuning": settings.get("defense", info.get("defense")),
                          "poison_ratio": settings.get("poison_ratio", info.get("poison_ratio_asked")),
                          "seed": settings.get("seed", info.get("config", {}).get("seed")), "step": step,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import TEMPLATES
 from ..errors import SinkguardError
 from .common import add_data_root, add_model
 
@@ -29,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--hs-sets", default="beavertails", help="--run: harmful prompt sets for each checkpoint's HS")
     p.add_argument("--hs-limit", type=int, default=100, help="--run: prompts per set (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="--run: answer length (default %(default)s)")
+    p.add_argument("--template", default=None, choices=TEMPLATES,
+                   help="format of the texts and prompts: the one the model was trained with (default: chat; "
+                        "with --run, each run's own)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR with --run; required otherwise)")
     p.set_defaults(func=run)
 
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         e = _hs_settings(args)
         s = analyze_run(args.run, args.out, samples=args.samples, split=args.split or "validation",
                         hs_sets=tuple(e.hs_sets), hs_limit=e.hs_limit, max_new_tokens=e.max_new_tokens,
-                        batch_size=e.batch_size, data_root=args.data_root)
+                        batch_size=e.batch_size, data_root=args.data_root, template=args.template)
         out = args.out or args.run
         rho = (f"Spearman rho {s['spearman_rho']:+.3f} [{s['rho_lo']:+.3f}, {s['rho_hi']:+.3f}] ({s['interval']})"
                if s.get("spearman_rho") is not None else f"Spearman rho n/a ({s.get('note')})")
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sink import analyze
 
     s = analyze(args.model, args.out, args.samples, args.split or "train", args.sink_index, args.batch_size,
-                args.max_length, args.data_root)
+                args.max_length, args.data_root, args.template or "chat")
     print(f"positive-divergence heads: {s['positive_heads']} of {s['total_heads']} "
           f"(mean divergence {s['mean_divergence']:+.5f}); wrote {args.out}/sink_divergence.png and .json")
     return 0
