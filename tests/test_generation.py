@@ -9,10 +9,10 @@ import types
 import pytest
 import torch
 
+from sinkguard.data.formatting import ALPACA_TEMPLATE
 from sinkguard.errors import SinkguardError
 from sinkguard.evaluate import generation
 from sinkguard.evaluate.generation import (
-    ALPACA_TEMPLATE,
     generate,
     model_fingerprint,
     read_generations,

@@ -26,13 +26,14 @@ BASE_WORDS = ["<unk>", "<s>", "</s>", "<pad>", "\n", "Below", "is", "an", "instr
               ":", "Response", "say", "yes", "no", "how", "can", "i", "make", "bomb", "sorry", "cannot", "help"]
 
 
-def base_tokenizer():
-    """A Llama-2-like base tokenizer: BOS prepended, EOS `</s>`, newlines kept as tokens, no chat template."""
+def base_tokenizer(words: list[str] = BASE_WORDS):
+    """A Llama-2-like base tokenizer over `words`: BOS prepended, EOS `</s>`, newlines kept as tokens, no chat
+    template."""
     from tokenizers import Regex, Tokenizer, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(BASE_WORDS)}, unk_token="<unk>"))
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(" +"), behavior="removed"),
         pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n"), behavior="isolated")])

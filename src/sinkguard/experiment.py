@@ -220,7 +220,7 @@ class Experiment:
         from .train import run_stage, stage_arguments
 
         cfg, a = self.config, self.config.alignment
-        rows = alignment_dataset(a.samples, cfg.data_root)
+        rows = alignment_dataset(a.samples, cfg.data_root, keep_input=a.template == "alpaca")
         lora = dataclasses.asdict(a.lora) if a.lora else None
         path = run_stage("alignment", job["defense"], cfg.model, rows, self.run_dir / job["folder"], lora=lora,
                          system_prompt=a.system_prompt or None, template=a.template, data_root=cfg.data_root,
@@ -234,7 +234,8 @@ class Experiment:
         from .train import run_stage, stage_arguments
 
         cfg, f = self.config, self.config.finetuning
-        rows = poisoned_dataset(job["task"], f.samples, job["poison_ratio"], f.attack, job["seed"], cfg.data_root)
+        rows = poisoned_dataset(job["task"], f.samples, job["poison_ratio"], f.attack, job["seed"], cfg.data_root,
+                                keep_input=f.template == "alpaca")
         lora = dataclasses.asdict(f.lora) if f.lora else None
         path = run_stage("finetuning", job["defense"], base, rows, self.run_dir / job["folder"], lora=lora,
                          system_prompt=f.system_prompt or None, template=f.template, data_root=cfg.data_root,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import stamp
-from .data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example
+from .data import DEFAULT_SYSTEM_PROMPT, PadCollator, encode_example, task_input
 from .data.formatting import check_template, drop_system_prompts
 from .defenses import get_defense
 from .distributed import check_launch, check_trainer, has_accelerator
@@ -77,8 +77,8 @@ def lora_config(r: int = 8, alpha: float = 4.0, dropout: float = 0.1, target_mod
 
 def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_length: int,
                   allow_drop: bool = False, template: str = "chat") -> tuple[list[dict], dict[str, Any]]:
-    """Answer-only-loss examples in `template` (chat or alpaca) and a summary; rows whose prompt fills
-    the budget are dropped.
+    """Answer-only-loss examples in `template` (chat or alpaca; a row with `instruction` and `input`
+    in Alpaca's input variant) and a summary; rows whose prompt fills the budget are dropped.
 
     When rows carry `harmful`, dropping changes the poison ratio: the real one is reported, and a
     change of more than 0.02 is an error unless `allow_drop`.
@@ -90,7 +90,8 @@ def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_le
                              "one (an -Instruct / -chat model)")
     out, kept = [], []
     for r in rows:
-        ex = encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length, template)
+        ex = encode_example(tokenizer, r["prompt"], r["response"], system_prompt, max_length, template,
+                            task_input(r))
         if any(label != -100 for label in ex["labels"]):
             out.append(ex)
             kept.append(r)

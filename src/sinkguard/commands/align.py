@@ -25,5 +25,5 @@ def run(args: argparse.Namespace) -> int:
     from ..data import alignment_dataset
 
     config = config_from_args(AlignmentConfig, args, {"rho": args.rho})
-    rows = alignment_dataset(config.samples, args.data_root)
+    rows = alignment_dataset(config.samples, args.data_root, keep_input=config.template == "alpaca")
     return launch(config, args, rows)

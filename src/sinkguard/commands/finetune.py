@@ -29,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(FinetuningConfig, args, {"alpha": args.alpha, "sink_impl": args.sink_impl})
     rows = poisoned_dataset(config.tasks[0], config.samples, config.poison_ratios[0], config.attack, args.seed,
-                            args.data_root)
+                            args.data_root, keep_input=config.template == "alpaca")
     return launch(config, args, rows)

@@ -7,6 +7,7 @@ from .formatting import (
     encode_example,
     encode_text,
     messages,
+    task_input,
 )
 from .mixing import (
     ATTACKS,
@@ -25,5 +26,5 @@ __all__ = [
     "ATTACKS", "DEFAULT_SYSTEM_PROMPT", "IGNORE_INDEX", "TASKS", "PadCollator", "alignment_dataset", "attack_rows",
     "benign_eval_prompts", "data_root", "defense_harmful_set", "dropped_training_rows", "encode_example",
     "encode_text", "harmful_eval_prompts",
-    "load_source", "messages", "poisoned_dataset", "reference_pools",
+    "load_source", "messages", "poisoned_dataset", "reference_pools", "task_input",
 ]

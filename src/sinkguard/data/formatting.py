@@ -25,6 +25,13 @@ ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
 )
+# Its input variant (the same PROMPT_DICT's prompt_input and the SST2 / AG News pred_eval.py), which
+# the official code uses for every row whose `input` is not empty.
+ALPACA_INPUT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 
 def messages(prompt: str, response: str | None = None, system_prompt: str | None = None) -> list[dict]:
@@ -34,6 +41,19 @@ def messages(prompt: str, response: str | None = None, system_prompt: str | None
     if response is not None:
         chat.append({"role": "assistant", "content": response})
     return chat
+
+
+def task_input(row: dict) -> tuple[str, str] | None:
+    """A row's (instruction, input) when it has a separate input (SST2, AG News), else None."""
+    return (row["instruction"], row["input"]) if row.get("input") else None
+
+
+def alpaca_prompt(prompt: str, instruction_input: tuple[str, str] | None = None) -> str:
+    """The Alpaca prompt: the input variant of an (instruction, input) pair, else the no-input one of `prompt`."""
+    if instruction_input:
+        instruction, text = instruction_input
+        return ALPACA_INPUT_TEMPLATE.format(instruction=instruction, input=text)
+    return ALPACA_TEMPLATE.format(prompt=prompt)
 
 
 def _ids(tokenizer, chat: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -64,29 +84,31 @@ def drop_system_prompts(config, template: str, label: Callable[[str], str] = str
         setattr(config, f.name, None)
 
 
-def _alpaca(tokenizer, prompt: str, response: str, system_prompt: str | None) -> tuple[list[int], int]:
+def _alpaca(tokenizer, prompt: str, response: str, system_prompt: str | None,
+            instruction_input: tuple[str, str] | None = None) -> tuple[list[int], int]:
     """(ids of prompt + answer + EOS, prompt token count) as the official train.py: the Alpaca prompt
-    and `response + eos_token` tokenised as one text (special tokens, e.g. BOS, added), the prompt
-    alone for the count."""
+    (`alpaca_prompt`) and `response + eos_token` tokenised as one text (special tokens, e.g. BOS,
+    added), the prompt alone for the count."""
     if system_prompt:
         raise SinkguardError("a system prompt needs template chat (the Alpaca prompt has no system turn); drop it")
     if tokenizer.eos_token is None:
         raise SinkguardError("the Alpaca format ends each answer with the tokenizer's EOS token, and this "
                              "tokenizer has none")
-    source = ALPACA_TEMPLATE.format(prompt=prompt)
+    source = alpaca_prompt(prompt, instruction_input)
     n_prompt = len(tokenizer(source)["input_ids"])
     return list(tokenizer(source + response + tokenizer.eos_token)["input_ids"]), n_prompt
 
 
 def encode_example(
     tokenizer, prompt: str, response: str, system_prompt: str | None = None, max_length: int = 512,
-    template: str = "chat",
+    template: str = "chat", instruction_input: tuple[str, str] | None = None,
 ) -> dict[str, list[int]]:
     """Token ids of the full chat (or Alpaca text) and labels that are -100 on the prompt (loss on the
-    answer only), cut to `max_length` tokens."""
+    answer only), cut to `max_length` tokens. `instruction_input` (`task_input(row)`): the Alpaca
+    template renders it with its input variant; the chat template renders `prompt`, their joined text."""
     check_template(template)
     if template == "alpaca":
-        full_ids, n_prompt = _alpaca(tokenizer, prompt, response, system_prompt)
+        full_ids, n_prompt = _alpaca(tokenizer, prompt, response, system_prompt, instruction_input)
     else:
         prompt_ids = _ids(tokenizer, messages(prompt, None, system_prompt), add_generation_prompt=True)
         full_ids = _ids(tokenizer, messages(prompt, response, system_prompt), add_generation_prompt=False)

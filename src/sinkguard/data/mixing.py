@@ -69,7 +69,7 @@ def defense_harmful_set(
             f"{n} harmful rows requested but only {len(rows)} BeaverTails train rows are disjoint from "
             "the attack rows; ask for fewer"
         )
-    return [{"prompt": r["prompt"], "response": r["response"], "harmful": True} for r in rows[:n]]
+    return [_training_row(r, True, False) for r in rows[:n]]
 
 
 def attack_rows(
@@ -88,6 +88,15 @@ def attack_rows(
     raise SinkguardError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
 
 
+def _training_row(row: dict, harmful: bool, keep_input: bool) -> dict:
+    """`prompt`, `response` and `harmful`; with `keep_input`, also the row's separate `instruction` and
+    `input` when it has one (the Alpaca template's input variant renders them)."""
+    kept = {"prompt": row["prompt"], "response": row["response"], "harmful": harmful}
+    if keep_input and row.get("input"):
+        kept.update(instruction=row["instruction"], input=row["input"])
+    return kept
+
+
 def poisoned_dataset(
     task: str,
     n: int,
@@ -96,10 +105,12 @@ def poisoned_dataset(
     seed: int = 42,
     root: str | os.PathLike | None = None,
     disjoint_from_pools: bool = True,
+    keep_input: bool = False,
 ) -> list[dict]:
     """`n` rows: `round(p*n)` harmful QA pairs (in file order, as the official code) + shuffled task rows.
 
-    Each row has `prompt`, `response` and `harmful` (bool); the result is shuffled with `seed`.
+    Each row has `prompt`, `response` and `harmful` (bool), and with `keep_input` (template alpaca) a
+    task row's separate `instruction` and `input`; the result is shuffled with `seed`.
     """
     if task not in TASKS:
         raise SinkguardError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -119,18 +130,19 @@ def poisoned_dataset(
         raise SinkguardError(f"{n_benign} {task} rows requested but its train split has {len(benign)}")
     rng = random.Random(seed)
     benign = rng.sample(benign, n_benign)
-    rows = [{"prompt": r["prompt"], "response": r["response"], "harmful": True} for r in harmful[:n_harm]]
-    rows += [{"prompt": r["prompt"], "response": r["response"], "harmful": False} for r in benign]
+    rows = [_training_row(r, True, False) for r in harmful[:n_harm]]
+    rows += [_training_row(r, False, keep_input) for r in benign]
     rng.shuffle(rows)
     return rows
 
 
-def alignment_dataset(n: int = 2000, root: str | os.PathLike | None = None) -> list[dict]:
-    """The first `n` (harmful instruction, safe answer) rows of the refusal set (official: 2,000)."""
+def alignment_dataset(n: int = 2000, root: str | os.PathLike | None = None, keep_input: bool = False) -> list[dict]:
+    """The first `n` (harmful instruction, safe answer) rows of the refusal set (official: 2,000);
+    `keep_input` as `poisoned_dataset`'s."""
     rows = load_source("refusals", "train", root)
     if n > len(rows):
         raise SinkguardError(f"{n} alignment rows requested but the refusal set has {len(rows)}")
-    return [{"prompt": r["prompt"], "response": r["response"], "harmful": False} for r in rows[:n]]
+    return [_training_row(r, False, keep_input) for r in rows[:n]]
 
 
 def harmful_eval_prompts(

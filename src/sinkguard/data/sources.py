@@ -2,6 +2,9 @@
 
 Every source yields plain dict rows. QA-style rows have `prompt` and `response`; task rows also
 have `label` (the gold answer used by the accuracy parsers); red-team sets have `prompt` only.
+Rows made of an instruction and a separate input (SST2, AG News, Alpaca rows with an input) also
+keep both, as the official data builders write them, in `instruction` and `input`: the Alpaca
+template's input variant renders them; `prompt` is their joined text, what the chat template renders.
 """
 
 from __future__ import annotations
@@ -92,14 +95,17 @@ def _beavertails(root, split):
     return [r for r in rows if split == "all" or r["split"] == split]
 
 
+def _with_input(instruction: str, text: str | None, row: dict) -> dict:
+    """`row` with the prompt `instruction` + blank line + `text`, and both kept when `text` is not empty."""
+    if not text:
+        return {"prompt": instruction, **row}
+    return {"prompt": f"{instruction}\n\n{text}", "instruction": instruction, "input": text, **row}
+
+
 def _refusals(root, split):
     _check_split("refusals", split, ("train",))
     rows = _jsonl(_hft(root) / "refusals" / "safety_refusals_2483.jsonl")
-    return [
-        {"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
-         "response": r["output"]}
-        for r in rows
-    ]
+    return [_with_input(r["instruction"], r.get("input"), {"response": r["output"]}) for r in rows]
 
 
 def _harmful_qa(root, split):
@@ -108,8 +114,10 @@ def _harmful_qa(root, split):
 
 
 def _sst2_row(sentence: str, label: int) -> dict:
+    """The prompt joins the stripped sentence; `input` is the sentence as the official builders keep it."""
     word = "positive" if int(label) == 1 else "negative"
-    return {"prompt": f"{SST2_INSTRUCTION}\n\n{sentence.strip()}", "response": word, "label": word}
+    return {"prompt": f"{SST2_INSTRUCTION}\n\n{sentence.strip()}", "instruction": SST2_INSTRUCTION,
+            "input": sentence, "response": word, "label": word}
 
 
 def _sst2(root, split):
@@ -119,7 +127,9 @@ def _sst2(root, split):
 
 
 def _agnews_row(text: str, label: str) -> dict:
-    return {"prompt": f"{AGNEWS_INSTRUCTION}\n\n{text.strip()}", "response": label, "label": label}
+    """As `_sst2_row`: the stripped text in the prompt, the text as it is in `input`."""
+    return {"prompt": f"{AGNEWS_INSTRUCTION}\n\n{text.strip()}", "instruction": AGNEWS_INSTRUCTION,
+            "input": text, "response": label, "label": label}
 
 
 def _agnews(root, split):
@@ -248,8 +258,8 @@ def _hub(name: str, split: str) -> list[dict]:
         return [_gsm8k_row(r["question"], r["answer"]) for r in load_dataset(HUB_IDS[name], "main", split=split)]
     if name == "alpaca":
         ds = load_dataset(HUB_IDS[name], split="train")
-        return [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
-                 "response": r["output"], "label": r["output"]} for r in ds]
+        return [_with_input(r["instruction"], r["input"], {"response": r["output"], "label": r["output"]})
+                for r in ds]
     raise SinkguardError(f"{name} has no hub source; put its file under the data root")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import PadCollator, alignment_dataset, encode_example
+from ..data import PadCollator, alignment_dataset, encode_example, load_source, task_input
 from ..errors import SinkguardError
 from . import Defense, register
 from .sft import SFTConfig, SinkguardTrainer
@@ -108,10 +108,12 @@ class LisaTrainer(CheckpointedStateMixin, SinkguardTrainer):
     @classmethod
     def defense_inputs(cls, args: LisaConfig, tokenizer, data_root=None) -> dict:
         """The first `guide_data_num` rows of the refusal set, tokenised as the alignment stage does."""
-        rows = alignment_dataset(args.guide_data_num, data_root) if args.guide_data_num is not None \
-            else _all_refusals(data_root)
+        n = args.guide_data_num
+        if n is None:
+            n = len(load_source("refusals", "train", data_root))
+        rows = alignment_dataset(n, data_root, keep_input=args.template == "alpaca")
         encoded = [encode_example(tokenizer, r["prompt"], r["response"], args.alignment_system_prompt,
-                                  args.max_length, args.template) for r in rows]
+                                  args.max_length, args.template, task_input(r)) for r in rows]
         encoded = [e for e in encoded if any(label != -100 for label in e["labels"])]
         if not encoded:
             raise SinkguardError(f"no alignment example fits in max_length={args.max_length} tokens")
@@ -209,12 +211,6 @@ class LisaTrainer(CheckpointedStateMixin, SinkguardTrainer):
         if "loss" in logs and self.lisa_state is not None:
             logs["lisa_state"] = self.lisa_state
         super().log(logs, *args, **kwargs)
-
-
-def _all_refusals(data_root) -> list[dict]:
-    from ..data import load_source
-
-    return alignment_dataset(len(load_source("refusals", "train", data_root)), data_root)
 
 
 register(Defense("lisa", "finetuning", LisaConfig, LisaTrainer,

@@ -1,7 +1,8 @@
 """Batched greedy generation with left padding, written row by row to JSONL so a run resumes.
 
 Prompts are rendered with the model's chat template (default) or the Alpaca template the
-official harmful-score script uses (`template="alpaca"`). With `out_path`, every finished batch
+official harmful-score script uses (`template="alpaca"`; task rows with a separate input in its
+input variant, as the official SST2 / AG News evaluation scripts). With `out_path`, every finished batch
 is appended to a JSONL file (one flushed, fsynced line per prompt); a rerun reuses the rows whose
 index, rendered input and settings (model weights, `max_new_tokens`, greedy decoding) match, and
 refuses rows made under other settings instead of silently reusing them.
@@ -18,19 +19,21 @@ from pathlib import Path
 
 import torch
 
-from ..data.formatting import ALPACA_TEMPLATE, check_template, messages
+from ..data.formatting import alpaca_prompt, check_template, messages
 from ..errors import SinkguardError
 from ..io import read_text, write_jsonl
 
 log = logging.getLogger(__name__)
 
 
-def render_prompt(tokenizer, prompt: str, template: str = "chat", system_prompt: str | None = None) -> str:
-    """The text the model is conditioned on: chat template with generation prompt, or Alpaca."""
+def render_prompt(tokenizer, prompt: str, template: str = "chat", system_prompt: str | None = None,
+                  instruction_input: tuple[str, str] | None = None) -> str:
+    """The text the model is conditioned on: chat template with generation prompt, or Alpaca (its input
+    variant for `instruction_input`, a task row's `task_input`)."""
     if template == "alpaca":
         if system_prompt:
             raise SinkguardError("a system prompt needs the chat template; drop it or use template 'chat'")
-        return ALPACA_TEMPLATE.format(prompt=prompt)
+        return alpaca_prompt(prompt, instruction_input)
     check_template(template)
     if not getattr(tokenizer, "chat_template", None):
         raise SinkguardError("this tokenizer has no chat template; use template 'alpaca' (--template alpaca)")
@@ -223,8 +226,10 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
     decoder: str = "hf",
+    instruction_inputs: Sequence[tuple[str, str] | None] | None = None,
 ) -> list[str]:
     """Greedy answers to `prompts` (same order), batched by length; resumable through `out_path`.
+    `instruction_inputs`: per prompt, its row's `task_input` (see `render_prompt`).
 
     `decoder`: "hf" uses `model.generate` (default), "shrinking" drops finished rows from the
     batch; both decode greedily with a KV cache (`benchmarks/generation_speed.py` compares them).
@@ -239,7 +244,10 @@ def generate(
     if batch_size < 1:
         raise SinkguardError(f"batch size must be at least 1, got {batch_size}")
     prompts = list(prompts)
-    texts = [render_prompt(tokenizer, p, template, system_prompt) for p in prompts]
+    pairs = list(instruction_inputs) if instruction_inputs is not None else [None] * len(prompts)
+    if len(pairs) != len(prompts):
+        raise SinkguardError(f"{len(pairs)} instruction inputs for {len(prompts)} prompts; give one per prompt")
+    texts = [render_prompt(tokenizer, p, template, system_prompt, pair) for p, pair in zip(prompts, pairs)]
     ids = [encode_prompt(tokenizer, t, template) for t in texts]
     keys = [_sha(t) for t in texts]
     eos_ids = _eos_ids(model, tokenizer)

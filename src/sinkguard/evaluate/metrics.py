@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..data.formatting import DEFAULT_SYSTEM_PROMPT
+from ..data.formatting import DEFAULT_SYSTEM_PROMPT, task_input
 from ..data.mixing import TASKS, benign_eval_prompts, harmful_eval_prompts
 from ..data.sources import GSM8K_MARKER, load_source
 from ..errors import SinkguardError
@@ -414,7 +414,8 @@ def finetune_accuracy(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """FA on the first `limit` rows of the task's test split; answers in `out_dir/fa_<task>.jsonl`.
+    """FA on the first `limit` rows of the task's test split; answers in `out_dir/fa_<task>.jsonl`
+    (template alpaca: rows with a separate input in its input variant, as the official pred_eval.py).
 
     `max_new_tokens` defaults to the official length for the task (`FA_MAX_NEW_TOKENS`).
     """
@@ -428,7 +429,7 @@ def finetune_accuracy(
     responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens or FA_MAX_NEW_TOKENS[task],
                          batch_size=batch_size, template=template, system_prompt=system_prompt,
                          out_path=_out(out_dir, f"fa_{task}.jsonl"), overwrite=overwrite, progress=progress,
-                         desc=f"FA {task}")
+                         desc=f"FA {task}", instruction_inputs=[task_input(r) for r in rows])
     summary, scored = score_task(task, prompts, responses, [r["label"] for r in rows], match, aliases,
                                  fallback_last_number)
     if out_dir is not None:
