@@ -92,21 +92,30 @@ def step(trainer, inputs) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def peak_memory(variant: str, args) -> float:
-    """Peak memory (MiB) of `variant` run alone for a few steps."""
+def peak_memory(variant: str, args) -> float | None:
+    """Peak memory (MiB) of `variant` run alone for a few steps; None when its process died (the
+    machine ran out of memory: the timings are still reported)."""
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         trainer, inputs = build(variant, args.model, args.batch, args.seq, "cuda", args.pool_len)
         for _ in range(3):
             step(trainer, inputs)
         return torch.cuda.max_memory_allocated() / 2**20
-    out = subprocess.run(
+    proc = subprocess.run(
         [sys.executable, __file__, "--_memory-child", variant, "--model", args.model,
          "--batch", str(args.batch), "--seq", str(args.seq)]
         + (["--pool-len", str(args.pool_len)] if args.pool_len else []),
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return float(out.strip().splitlines()[-1])
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        print(f"memory of {variant}: its process ended with code {proc.returncode} (killed for memory if "
+              "negative); not measured", file=sys.stderr)
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a / b, 3)
 
 
 def main() -> None:
@@ -162,14 +171,15 @@ def main() -> None:
                 times[v].append(time.perf_counter() - t0)
     del runs
     median = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+    print(f"median step seconds: {json.dumps({v: round(t, 4) for v, t in median.items()})}", file=sys.stderr)
     memory = {v: peak_memory(v, args) for v in variants}
     result = {
         "device": args.device, "model": args.model, "batch": [args.batch, args.seq], "pool_len": args.pool_len,
         "threads": torch.get_num_threads(),
         "step_s": {v: round(median[v], 4) for v in variants},
-        "peak_mib": {v: round(memory[v], 1) for v in variants},
+        "peak_mib": {v: None if memory[v] is None else round(memory[v], 1) for v in variants},
         **{f"ratio_{v}_vs_sft_time": round(median[v] / median["sft"], 3) for v in variants[1:]},
-        **{f"ratio_{v}_vs_sft_memory": round(memory[v] / memory["sft"], 3) for v in variants[1:]},
+        **{f"ratio_{v}_vs_sft_memory": ratio(memory[v], memory["sft"]) for v in variants[1:]},
     }
     if "surgery" in variants and "official" in variants:
         result["speedup_surgery_vs_official"] = round(median["official"] / median["surgery"], 3)
@@ -181,10 +191,10 @@ def main() -> None:
     expected = {"surgery": "target time <= 1.25x, memory <= " + ("1.5x" if args.pool_len else "1.10x"),
                 "official": "the official algorithm", "lisa": "expected about 1.0x", "panacea": "expected about 3x"}
     for v in variants:
-        print(f"  {v:9s} step {median[v]:.3f} s   peak memory {memory[v]:.0f} MiB")
+        print(f"  {v:9s} step {median[v]:.3f} s   peak memory {result['peak_mib'][v]} MiB")
     for v in variants[1:]:
         print(f"  {v} / sft: time {result[f'ratio_{v}_vs_sft_time']:.3f}x, memory "
-              f"{result[f'ratio_{v}_vs_sft_memory']:.3f}x  ({expected[v]})")
+              f"{result[f'ratio_{v}_vs_sft_memory']}x  ({expected[v]})")
     if "speedup_surgery_vs_official" in result:
         print(f"  official / surgery time {result['speedup_surgery_vs_official']:.3f}x  (target >= 1.25; "
               ">= 1.4 at 1,024 tokens)")
@@ -227,4 +237,9 @@ def sink_alone(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sinkguard.errors import SinkguardError
+
+    try:
+        main()
+    except SinkguardError as exc:
+        sys.exit(f"surgery_step.py: error: {exc}")
