@@ -60,8 +60,9 @@ class SurgeryConfig(SFTConfig):
     )
     penalty_backward: str = field(
         default="separate",
-        metadata={"help": "'separate': backward the penalty's pool passes and free them before the task "
-                  "pass (same gradients, peak memory max(task, pools) instead of their sum); 'joint': one "
+        metadata={"help": "'separate': backward the penalty's pool passes and the task pass one after the "
+                  "other (same gradients; task first in one process, penalty first under DDP; peak memory "
+                  "about the larger pass instead of their sum); 'joint': one "
                   "backward of task loss + penalty, as the official code (always used under DeepSpeed)"},
     )
     same_pool_draws: bool = field(
@@ -160,21 +161,29 @@ class SurgeryTrainer(SinkguardTrainer):
         return self.args.penalty_backward == "separate" and not self.is_deepspeed_enabled
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Separate mode: the penalty's pool passes are backpropagated and freed before the task pass.
+        """Separate mode: the penalty's pool passes and the task pass are backpropagated one after the
+        other, each graph freed before the next pass; the gradients add up in `.grad` exactly as one
+        backward of their sum.
 
-        The two gradients add up in `.grad` exactly as one backward of their sum. Under DDP the pool
-        forwards bypass the DDP wrapper (decoder only), so their backward is not reduced on its own:
-        the task backward that follows (through DDP) all-reduces the accumulated gradient once, and
-        inside the Trainer's `no_sync` window for earlier micro-batches it reduces nothing.
+        One process: the task pass runs first, so the gradient buffers its backward allocates meet
+        only the (decoder-only) pool passes, not the task pass with its LM-head logits. Under DDP the
+        penalty runs first: the pool forwards bypass the DDP wrapper (decoder only), so their
+        backward is not reduced on its own; the task backward that follows (through DDP)
+        all-reduces the accumulated gradient once, and inside the Trainer's `no_sync` window for
+        earlier micro-batches it reduces nothing.
         """
         if not (self.args.alpha > 0 and self._separate_backward()):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
+        task_first = self.accelerator.num_processes == 1
+        loss = super().training_step(model, inputs, num_items_in_batch) if task_first else None
         with self.compute_loss_context_manager():
             penalty = self.penalty(model)
         self.accelerator.backward(penalty)
-        penalty = penalty.detach()  # frees the pool passes' graph before the task pass
-        return super().training_step(model, inputs, num_items_in_batch) + penalty
+        penalty = penalty.detach()  # frees the pool passes' graph
+        if not task_first:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        return loss + penalty
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
