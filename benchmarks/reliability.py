@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sinkguard.io import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 10.0  # the issue's bound on the time to an error
 
@@ -33,12 +35,11 @@ class Case:
     tool: str
     argv: list[str]
     mistake: str
-    evaluation: bool = False  # in the evaluation / report modules (measured, fixed with their rewrite)
     env: dict[str, str] | None = None
 
 
-def _sg(argv: str, mistake: str, evaluation: bool = False, env: dict[str, str] | None = None) -> Case:
-    return Case("sinkguard", argv.split(), mistake, evaluation, env)
+def _sg(argv: str, mistake: str, env: dict[str, str] | None = None) -> Case:
+    return Case("sinkguard", argv.split(), mistake, env)
 
 
 def _lt(argv: str, mistake: str) -> Case:
@@ -57,19 +58,19 @@ CASES = [
     _sg(f"evaluate --model {{tmp}}/header.gguf {OUT}", "a GGUF cut inside its header"),
     _sg(f"align --model {{tmp}}/empty.gguf {OUT}", "an empty .gguf file"),
     _sg(f"align --model {{tmp}}/nomodel {OUT}", "a folder that holds no model"),
-    _sg("run {tmp}/model.yaml", "unknown model in the YAML (`model: no-such-alias`)", evaluation=True),
+    _sg("run {tmp}/model.yaml", "unknown model in the YAML (`model: no-such-alias`)"),
     # --samples <= 0 and other ranges
     _sg(f"align --samples 0 {OUT}", "--samples 0"),
     _sg(f"finetune --samples 0 {OUT}", "--samples 0"),
     _sg(f"finetune --samples -5 {OUT}", "negative --samples"),
-    _sg(f"analyze --samples 0 {OUT}", "--samples 0", evaluation=True),
+    _sg(f"analyze --samples 0 {OUT}", "--samples 0"),
     _sg(f"repair --model {{tmp}}/model --defense antidote --samples 0 {OUT}", "--samples 0"),
     _sg(f"repair --model {{tmp}}/nomodel --defense antidote {OUT}", "--model folder without a model"),
     _sg("run {tmp}/samples.yaml --dry-run", "`finetuning: {samples: 0}`"),
     _sg(f"evaluate --model smollm2-135m-instruct --limit 0 {OUT}", "--limit 0 (evaluate's sample count)"),
     _sg(f"evaluate --model smollm2-135m-instruct --fa-limit 0 --task sst2 {OUT}", "--fa-limit 0"),
-    _sg(f"analyze --batch-size 0 {OUT}", "--batch-size 0", evaluation=True),
-    _sg(f"analyze --sink-index 100000 {OUT}", "sink index outside the sequence", evaluation=True),
+    _sg(f"analyze --batch-size 0 {OUT}", "--batch-size 0"),
+    _sg(f"analyze --sink-index 100000 {OUT}", "sink index outside the sequence"),
     _sg(f"finetune --lr nan {OUT}", "non-finite --lr"),
     _sg(f"finetune --poison-ratio 2 {OUT}", "--poison-ratio outside [0, 1]"),
     _sg(f"align --batch-size 0 {OUT}", "--batch-size 0"),
@@ -103,10 +104,11 @@ CASES = [
     _sg("judge score --input {tmp}/truncated.jsonl --out {tmp}/s.jsonl", "JSONL input cut mid-line"),
     _sg("judge score --input {tmp}/keyless.jsonl --out {tmp}/s.jsonl", "JSONL rows without response"),
     _sg("judge score --input {tmp}/none.jsonl --out {tmp}/s.jsonl", "JSONL input missing"),
-    _sg("report {tmp}/run_truncated", "truncated results.json", evaluation=True),
-    _sg("report {tmp}/run_keyless", "results.json without its keys", evaluation=True),
-    _sg("report {tmp}/run_latin1", "results.json not UTF-8", evaluation=True),
-    _sg("report {tmp}/nowhere", "run folder missing", evaluation=True),
+    _sg("report {tmp}/run_truncated", "truncated results.json"),
+    _sg("report {tmp}/run_keyless", "results.json without its keys"),
+    _sg("report {tmp}/run_latin1", "results.json not UTF-8"),
+    _sg("report {tmp}/run_recordless", "results.json records without their keys"),
+    _sg("report {tmp}/nowhere", "run folder missing"),
     # judge
     _sg("judge score --judge {tmp}/missing --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl", "--judge PATH missing"),
     _sg("judge evaluate --judge {tmp}/missing", "--judge PATH missing"),
@@ -117,7 +119,7 @@ CASES = [
     _sg("judge score --batch-size 0 --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl", "--batch-size 0"),
     _sg("judge train --epochs 0", "--epochs 0"),
     _sg("judge train --refusal-rows -1", "negative --refusal-rows"),
-    _sg("run {tmp}/judge.yaml", "YAML `judge:` folder missing", evaluation=True),
+    _sg("run {tmp}/judge.yaml", "YAML `judge:` folder missing"),
     # ltsf
     _lt("train --model SegRNN --d_model 511", "--d_model odd for the pmf + channel-id setting"),
     _lt("train --model SegRNN --d_model 0", "--d_model 0"),
@@ -207,7 +209,7 @@ def make_files(tmp: Path) -> None:
     (tmp / "latin1.json").write_bytes(b'{"mse": "' + latin1 + b'"}')
     for name, content in (("run_truncated", b'{"model": "CycleNet", "mse": 0.3'), ("run_keyless", b'{"mse": 0.3}'),
                           ("run_latin1", b'{"records": "' + latin1 + b'"}'),
-                          ("ltsf_keyless", b'{"mse": 0.3}')):
+                          ("run_recordless", b'{"records": [{"hs_all": 10}]}'), ("ltsf_keyless", b'{"mse": 0.3}')):
         (tmp / name).mkdir()
         (tmp / name / "results.json").write_bytes(content)
     (tmp / "bad.pth").write_bytes(b"PK\x03\x04 not a zip")
@@ -240,7 +242,7 @@ def run_case(case: Case, tmp: Path, number: int) -> dict:
              and seconds < LIMIT_S)
     return {"command": f"{case.tool} {' '.join(case.argv)}", "mistake": case.mistake, "exit": code,
             "seconds": round(seconds, 1), "message": re.sub(r"\$TMP/out\d+", "$OUT", last.replace(str(tmp), "$TMP")), "lines": len(lines),
-            "traceback": "Traceback" in err, "clean": clean, "evaluation": case.evaluation}
+            "traceback": "Traceback" in err, "clean": clean}
 
 
 def _verdict(r: dict) -> str:
@@ -249,7 +251,7 @@ def _verdict(r: dict) -> str:
     why = [w for w, bad in (("traceback", r["traceback"]), (f"exit {r['exit']}", r["exit"] != 2),
                             (f"{r['lines']} lines", not r["traceback"] and r["lines"] > 2),
                             (f"> {LIMIT_S:g} s", r["seconds"] >= LIMIT_S)) if bad]
-    return ("to fix (evaluation modules): " if r["evaluation"] else "NOT CLEAN: ") + ", ".join(why or ["message"])
+    return "NOT CLEAN: " + ", ".join(why or ["message"])
 
 
 def _cell(text: str) -> str:
@@ -260,8 +262,6 @@ def render(results: list[dict], load: tuple[float, float, float], cpus: int) -> 
     """docs/reliability.md: the table and its summary."""
     clean = sum(r["clean"] for r in results)
     worst = max(results, key=lambda r: r["seconds"])
-    ours = [r for r in results if not r["evaluation"]]
-    theirs = [r for r in results if r["evaluation"]]
     median = sorted(r["seconds"] for r in results)[len(results) // 2]
     lines = [
         "# Reliability: bad inputs and the errors they get",
@@ -271,8 +271,7 @@ def render(results: list[dict], load: tuple[float, float, float], cpus: int) -> 
         "imports included). Regenerate with `python benchmarks/reliability.py` (it writes this file);",
         "`$TMP` is its scratch folder of broken files, the hub is offline (`HF_HUB_OFFLINE=1`).",
         "A row is clean when the process exits with code 2, prints one line (argparse errors: a usage",
-        f"line and one error line), no traceback, within {LIMIT_S:g} s. Rows marked *evaluation modules* belong",
-        "to the evaluation / report code being rewritten in parallel: measured here, fixed there.",
+        f"line and one error line), no traceback, within {LIMIT_S:g} s.",
         "",
         f"Measured on a {cpus}-core machine shared with background training jobs (load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end of the run), so the times are upper bounds",
@@ -283,8 +282,7 @@ def render(results: list[dict], load: tuple[float, float, float], cpus: int) -> 
         "defense settings are built before any data is read) import transformers and peft, most of their",
         "time. `sinkguard run CONFIG --dry-run` resolves no model, so it never fails on the model name.",
         "",
-        f"**Summary: {clean} of {len(results)} cases clean ({sum(r['clean'] for r in ours)} of {len(ours)} outside "
-        f"the evaluation modules, {sum(r['clean'] for r in theirs)} of {len(theirs)} in them); median "
+        f"**Summary: {clean} of {len(results)} cases clean; median "
         f"{median:.1f} s, slowest {worst['seconds']:.1f} s (`{_cell(worst['command'])}`).**",
         "",
         "| command | mistake | message | exit | seconds | verdict |",
@@ -317,7 +315,7 @@ def main() -> int:
                   flush=True)
     if args.only:
         return 0
-    Path(args.out).write_text(render(results, os.getloadavg(), os.cpu_count() or 1), encoding="utf-8")
+    write_text(args.out, render(results, os.getloadavg(), os.cpu_count() or 1))
     print(f"{sum(r['clean'] for r in results)} of {len(results)} clean; wrote {args.out}")
     return 0
 

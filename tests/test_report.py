@@ -86,7 +86,7 @@ def test_report_command_writes_table_and_csv(tmp_path, capsys):
 @pytest.mark.parametrize("content, message", [
     (b'{"records": [{"defen', "is not valid JSON"),
     (b'{"name": "x"}', "has no 'records' list"),
-    (b"\xff\xfe{}", "is not valid JSON"),
+    (b"\xff\xfe{}", "is not UTF-8 text"),
     (b'{"records": [{"defense": "sft"}]}', "record 0 lacks task, poison_ratio, seed"),
 ])
 def test_report_refuses_a_damaged_results_file_in_one_line(tmp_path, capsys, content, message):

@@ -382,17 +382,13 @@ RECORD_KEYS = ("defense", "task", "poison_ratio", "seed")  # what the tables and
 
 def load_results(run_dir: str | os.PathLike) -> dict:
     """A run's results.json, or one clear error."""
-    import json
-
     from .errors import SinkguardError
+    from .io import read_json
 
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise SinkguardError(f"{path} not found: run `sinkguard run CONFIG` first (or point to its run dir)")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise SinkguardError(f"{path} is not valid JSON (truncated?): rerun `sinkguard run CONFIG` to rewrite it") from None
+    results = read_json(path, "results file")
     if not isinstance(results, dict) or not isinstance(results.get("records"), list):
         raise SinkguardError(f"{path} has no 'records' list: it is not a sinkguard results file")
     for i, record in enumerate(results["records"]):
