@@ -335,7 +335,7 @@ def _load_training(name: str, root: str) -> tuple[dict, ...]:
     index = eval_prompt_index(root)
     kept = tuple(r for r in rows if normalize_prompt(r["prompt"]) not in index)
     if len(kept) < len(rows):
-        log.info("%s train: %d of %d rows dropped, their prompt is an evaluation prompt", name,
+        log.debug("%s train: %d of %d rows dropped, their prompt is an evaluation prompt", name,
                  len(rows) - len(kept), len(rows))
     return kept
 
