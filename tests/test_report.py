@@ -94,3 +94,21 @@ def test_report_refuses_a_damaged_results_file_in_one_line(tmp_path, capsys, con
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_stage_times_lists_every_stage_with_its_source(tmp_path) -> None:
+    """Training, repair and evaluation stages each appear once, labelled by the stage they started from."""
+    from sinkguard.report import stage_times
+
+    stages = tmp_path / "stages"
+    logs = {"align-sft-aa": ("train_log.json", "base", 60.0),
+            "ft-sft-sst2-p0.1-s43-bb": ("train_log.json", stages / "align-sft-aa" / "model", 120.0),
+            "post-antidote-cc": ("repair_log.json", stages / "ft-sft-sst2-p0.1-s43-bb" / "model", 30.0),
+            "eval-dd": ("eval.json", stages / "post-antidote-cc" / "model", 90.0)}
+    for folder, (name, model, wall) in logs.items():
+        (stages / folder).mkdir(parents=True)
+        (stages / folder / name).write_text(json.dumps({"model": str(model), "wall_s": wall}))
+    lines = stage_times(tmp_path).splitlines()[2:]
+    assert lines == ["| align-sft | 1.0 |", "| ft-sft-sst2-p0.1-s43 (from align-sft) | 2.0 |",
+                     "| post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft)) | 0.5 |",
+                     "| eval of post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft)) | 1.5 |"]

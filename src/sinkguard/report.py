@@ -312,13 +312,14 @@ def write_csv(results: dict, path: str | os.PathLike) -> Path:
 
 
 def stage_times(run_dir: str | os.PathLike) -> str:
-    """Markdown table of every finished stage's own wall time (from its train_log.json / eval.json)."""
+    """Markdown table of every finished stage's own wall time (from its train_log.json, eval.json or
+    repair_log.json)."""
     import functools
     import json
 
     @functools.cache
     def info(folder: Path) -> dict:
-        for name in ("train_log.json", "eval.json"):
+        for name in ("train_log.json", "eval.json", "repair_log.json"):
             if (folder / name).is_file():
                 return json.loads((folder / name).read_text())
         return {}
@@ -331,8 +332,8 @@ def stage_times(run_dir: str | os.PathLike) -> str:
             return f"eval of {source or model}"
         return folder.name.rsplit("-", 1)[0] + (f" (from {source})" if source else "")
 
-    order = {"align": 0, "ft": 1}
-    rows = sorted((order.get(f.name.split("-")[0], 2), label(f), info(f)["wall_s"])
+    order = {"align": 0, "ft": 1, "post": 2}
+    rows = sorted((order.get(f.name.split("-")[0], 3), label(f), info(f)["wall_s"])
                   for f in Path(run_dir, "stages").glob("*") if info(f).get("wall_s") is not None)
     lines = [f"| {name} | {wall / 60:.1f} |" for _, name, wall in rows]
     return "\n".join(["| stage | wall (min) |", "|---|---|", *lines]) if lines else ""
@@ -340,14 +341,15 @@ def stage_times(run_dir: str | os.PathLike) -> str:
 
 def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabel: str) -> Path:
     """`metric` against the poison ratio, one line per model, with 95 % error bars (over seeds,
-    or the model's own interval for one seed); models before fine-tuning as horizontal lines."""
+    or the model's own interval for one seed); models before fine-tuning as horizontal lines.
+    With a single poison ratio, one horizontal bar per model instead (a line needs two points)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = metric.removeprefix("hs_") if metric.startswith("hs_") else None
-    fig, ax = plt.subplots(figsize=(5.8, 4.0))
+    references: list[tuple[str, float]] = []
     series: dict[tuple, list[tuple[float, float, float | None, float | None]]] = {}
     for row in summarize(results):
         mean, lo, hi = row[f"hs_{key}"] if key else row[metric]
@@ -356,25 +358,48 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
         stages = [s for s in (row["alignment"], row["finetuning"], row["post"]) if s != "none"]
         name = " + ".join(stages) or "base"
         if row["poison_ratio"] is None:
-            ax.axhline(mean, linestyle="--", linewidth=1, color="gray" if not stages else "k",
-                       label=f"{name} model ({row['task']})")
-            continue
-        series.setdefault((row["task"], name), []).append((row["poison_ratio"], mean, lo, hi))
-    for (task, name), points in sorted(series.items()):
-        points.sort()
-        xs = [p[0] for p in points]
-        ys = [p[1] for p in points]
-        err = [[y - (lo if lo is not None else y) for _, y, lo, _ in points],
-               [(hi if hi is not None else y) - y for _, y, _, hi in points]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{name} ({task})")
-    ax.set_xlabel("poison ratio p")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+            references.append((f"{name} model ({row['task']})", mean))
+        else:
+            series.setdefault((row["task"], name), []).append((row["poison_ratio"], mean, lo, hi))
+    ratios = {p[0] for points in series.values() for p in points}
+    if len(ratios) == 1:
+        fig = _bar_chart(references, series, f"{ylabel}, p = {ratios.pop():g}")
+    else:
+        fig, ax = plt.subplots(figsize=(5.8, 4.0))
+        for label, mean in references:
+            ax.axhline(mean, linestyle="--", linewidth=1, color="k" if "base" not in label else "gray", label=label)
+        for (task, name), points in sorted(series.items()):
+            points.sort()
+            err = [[y - (lo if lo is not None else y) for _, y, lo, _ in points],
+                   [(hi if hi is not None else y) - y for _, y, _, hi in points]]
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=err, marker="o", capsize=3,
+                        label=f"{name} ({task})")
+        ax.set_xlabel("poison ratio p")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
     path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _bar_chart(references: list[tuple[str, float]], series: dict, xlabel: str):
+    """One horizontal bar per model (reference models in gray), 95 % error bars where known."""
+    import matplotlib.pyplot as plt
+
+    bars = [(label, mean, None, None, "0.6") for label, mean in references]
+    bars += [(f"{name} ({task})", y, lo, hi, "C0") for (task, name), [(_, y, lo, hi)] in sorted(series.items())]
+    fig, ax = plt.subplots(figsize=(5.8, 1.2 + 0.32 * len(bars)))
+    ys = range(len(bars))[::-1]
+    err = [[y - (lo if lo is not None else y) for _, y, lo, _, _ in bars],
+           [(hi if hi is not None else y) - y for _, y, _, hi, _ in bars]]
+    ax.barh(list(ys), [b[1] for b in bars], xerr=err, color=[b[4] for b in bars], capsize=3)
+    ax.set_yticks(list(ys), [b[0] for b in bars], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 RECORD_KEYS = ("defense", "task", "poison_ratio", "seed")  # what the tables and tests group by
