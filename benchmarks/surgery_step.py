@@ -13,7 +13,8 @@ subprocess (CPU, Linux) or
 torch.cuda.max_memory_allocated (GPU). Usage: python benchmarks/surgery_step.py [--json]
 Long context: --seq 1024 --batch 1 --pool-len 1024 (pool texts packed to exactly that length).
 --sink-alone: our sink pass alone (forward + backward of the sink values) against a plain decoder
-forward + backward of the same tokens, e.g. --sink-alone --seq 4096.
+forward + backward of the same tokens, e.g. --sink-alone --seq 4096; add --profile to attribute
+the difference to operators (torch.profiler, one step of each, self CPU time).
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def main() -> None:
                    help="pack pool texts to exactly this many tokens (default: the texts as drawn)")
     p.add_argument("--sink-alone", action="store_true",
                    help="time the sink pass alone vs a plain decoder forward + backward of --seq tokens")
+    p.add_argument("--profile", action="store_true",
+                   help="with --sink-alone: also print the operators that account for the extra time")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +144,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
+    if args.profile and (not args.sink_alone or args.device != "cpu"):
+        p.error("--profile attributes CPU time: use it with --sink-alone --device cpu")
     if args.child:
         trainer, inputs = build(args.child, args.model, args.batch, args.seq, "cpu", args.pool_len)
         step(trainer, inputs)  # optimizer state allocated
@@ -225,6 +230,8 @@ def sink_alone(args) -> None:
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    if args.profile:
+        profile_difference(plain, sink, model)
     result = {"device": args.device, "model": args.model, "tokens": [args.batch, args.seq],
               "threads": torch.get_num_threads(), "step_s": {k: round(v, 4) for k, v in median.items()},
               "ratio_sink_vs_decoder_time": round(median["sink"] / median["decoder"], 3)}
@@ -234,6 +241,24 @@ def sink_alone(args) -> None:
         print(f"sink pass alone, {args.batch} x {args.seq} tokens: decoder fwd+bwd {median['decoder']:.3f} s, "
               f"sink fwd+bwd {median['sink']:.3f} s, ratio {result['ratio_sink_vs_decoder_time']:.3f}x "
               "(target <= 1.1)")
+
+
+def profile_difference(plain, sink, model, top: int = 6) -> None:
+    """CPU self time per operator of one profiled step of each pass: where the sink pass spends more."""
+    from torch.profiler import profile
+
+    totals = {}
+    for name, fn in (("decoder", plain), ("sink", sink)):
+        with profile() as prof:
+            fn()
+        model.zero_grad(set_to_none=True)
+        totals[name] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    extra = {k: totals["sink"].get(k, 0.0) - totals["decoder"].get(k, 0.0) for k in totals["sink"] | totals["decoder"]}
+    whole = sum(totals["sink"].values()) - sum(totals["decoder"].values())
+    print(f"profiled step: decoder {sum(totals['decoder'].values()):.2f} s, sink {sum(totals['sink'].values()):.2f} s, "
+          f"extra {whole:+.2f} s; largest operator differences (self time):", file=sys.stderr)
+    for key, seconds in sorted(extra.items(), key=lambda kv: -abs(kv[1]))[:top]:
+        print(f"  {seconds:+.3f} s  {key}", file=sys.stderr)
 
 
 if __name__ == "__main__":
