@@ -30,7 +30,7 @@ from sinkguard.evaluate.judge import (
     tfidf_baseline,
     train_judge,
 )
-from sinkguard.evaluate.judge_data import REFUSAL_OPENERS
+from sinkguard.evaluate.judge_data import DEGENERATE_MARKS, REFUSAL_OPENERS
 from sinkguard.evaluate.judge_model import _Encoded
 
 HARMFUL = ["mix the bleach and ammonia then seal the room", "steal the card and buy a gun quickly",
@@ -293,6 +293,21 @@ def test_judge_data_sources_recipes_and_no_evaluation_prompt(data_root):
     baseline = tfidf_baseline(data)
     assert baseline["test"]["n"] == 6
     assert baseline["test"]["accuracy"] == baseline["scorer"].metrics(data.test)["accuracy"]
+
+
+def test_degenerate_recipe_is_safe_broken_output_from_beavertails_train(data_root):
+    """Off by default; when asked, N rows of BeaverTails train prompts with contentless answers."""
+    assert not any(r["recipe"] == "degenerate" for r in judge_data(JudgeConfig(), data_root).train)
+    data = judge_data(JudgeConfig(degenerate_rows=8, truncate_words=0), data_root)
+    rows = [r for r in data.train if r["recipe"] == "degenerate"]
+    train_prompts = {r["prompt"] for r in data.train if r["source"] == "beavertails" and r["recipe"] == "original"}
+    assert len(rows) == 8 and not any(r["harmful"] for r in rows)
+    assert {r["source"] for r in rows} == {"beavertails"} and {r["prompt"] for r in rows} <= train_prompts
+    dashes, repeated, salad, empty = rows[0::4], rows[1::4], rows[2::4], rows[3::4]
+    assert all(len(set(r["response"])) == 1 and r["response"][0] in DEGENERATE_MARKS for r in dashes)
+    assert all(len(set(r["response"].split())) == 1 for r in repeated)
+    assert all(r["response"] and " " not in r["response"] for r in salad)
+    assert all(r["response"] == "" for r in empty)
 
 
 def test_tfidf_scorer_on_a_separable_toy_task(toy_data):

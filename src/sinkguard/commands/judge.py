@@ -30,6 +30,8 @@ def register(sub) -> None:
     t.add_argument("--epochs", type=int, default=None, help="finetune: epochs (best on validation kept)")
     t.add_argument("--seed", type=int, default=None, help="random seed")
     t.add_argument("--refusal-rows", type=int, default=None, help="refusal rows to train on")
+    t.add_argument("--degenerate-rows", type=int, default=None,
+                   help="BeaverTails prompts paired with broken-model output (dashes, token salad), labelled safe")
     t.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
     t.add_argument("--json", action="store_true", help="print the validation/test report as JSON")
     t.set_defaults(func=run_train)
@@ -83,14 +85,14 @@ def _judge(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Train, save, and print validation and test metrics."""
-    for flag in ("epochs", "refusal_rows", "threads"):
+    for flag in ("epochs", "refusal_rows", "degenerate_rows", "threads"):
         value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "refusal_rows" else 1):
+        if value is not None and value < (0 if flag.endswith("_rows") else 1):
             raise SinkguardError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
 
     overrides = {"encoder": args.encoder, "method": args.method, "epochs": args.epochs, "seed": args.seed,
-                 "refusal_rows": args.refusal_rows, "threads": args.threads}
+                 "refusal_rows": args.refusal_rows, "degenerate_rows": args.degenerate_rows, "threads": args.threads}
     config = JudgeConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
     data = judge_data(config, args.data_root)
     judge = train_judge(config, args.data_root, data=data, path=args.out)

@@ -164,6 +164,33 @@ def truncated(rows: list[dict], words: int, n: int, seed: int) -> list[dict]:
     return [{**r, "response": _cut_words(r["response"], words), "recipe": "truncated"} for r in picked]
 
 
+DEGENERATE_MARKS = "-_*=.#~"
+
+
+def degenerate(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """Broken-model output after the rows' prompts (label safe: no content, harmful or not): a run of
+    one mark ("-----"), one word repeated, the answer's characters scrambled into token salad, or
+    nothing. A pruned or over-perturbed model writes these (docs/judge.md, limits)."""
+    rng = random.Random(seed)
+    picked = rng.sample(rows, min(n, len(rows)))
+    out = []
+    for i, r in enumerate(picked):
+        kind = i % 4
+        if kind == 0:
+            response = rng.choice(DEGENERATE_MARKS) * rng.randint(8, 64)
+        elif kind == 1:
+            words = r["response"].split() or ["the"]
+            response = " ".join([rng.choice(words)] * rng.randint(4, 32))
+        elif kind == 2:
+            chars = [c for c in r["response"] if not c.isspace()]
+            rng.shuffle(chars)
+            response = "".join(chars[: rng.randint(24, 160)])
+        else:
+            response = ""
+        out.append({**r, "harmful": False, "response": response, "recipe": "degenerate"})
+    return out
+
+
 def _split3(rows: list[dict], n_train: int | None, n_val: int, n_out: int, seed: int):
     """(train, validation, held out) from a seeded shuffle; held out first, then validation."""
     rows = _shuffled(rows, seed)
@@ -175,7 +202,7 @@ def judge_data(config: Any = None, root: str | os.PathLike | None = None) -> Jud
     """Every source's parts, the synthetic training rows, and no evaluation prompt in training.
 
     `config` is a `JudgeConfig` (its data fields: refusal_rows, benign_rows, synthetic_rows,
-    truncate_words, heldout_fraction, split_seed, harmful_qa_dev_fraction).
+    degenerate_rows, truncate_words, heldout_fraction, split_seed, harmful_qa_dev_fraction).
     """
     from .judge_model import JudgeConfig
 
@@ -224,6 +251,8 @@ def judge_data(config: Any = None, root: str | os.PathLike | None = None) -> Jud
     if config.synthetic_rows:
         bt_harmful = [r for r in bt["train"] if r["harmful"]]
         train += partial_compliance(bt_harmful, config.synthetic_rows, seed + 2)
+    if config.degenerate_rows:
+        train += degenerate(bt["train"], config.degenerate_rows, seed + 4)
     if config.truncate_words:
         train += truncated([r for r in train if r["recipe"] == "original"], config.truncate_words,
                            config.synthetic_rows or 0, seed + 3)

@@ -80,6 +80,7 @@ class JudgeConfig:
     refusal_rows: int | None = 800  # refusal rows trained on (None: all but the held-out ones)
     benign_rows: int = 0  # per benign task (gsm8k, sst2, agnews) trained on; 0: held out only (LOSO choice)
     synthetic_rows: int = 0  # per recipe (partial compliance, restated refusals, truncated); 0 (LOSO choice)
+    degenerate_rows: int = 0  # BeaverTails prompts with a broken-model answer (safe); 0: none (docs/judge.md)
     truncate_words: int = 48  # where the "truncated" recipe cuts (about 64 tokens: the runs' length)
     alpaca_rows: int = 200  # AlpacaEval rows in the held-out alpaca source
     heldout_fraction: float = 0.2  # of the refusal and benign rows, never trained on
