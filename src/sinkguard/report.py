@@ -349,7 +349,7 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
     import matplotlib.pyplot as plt
 
     key = metric.removeprefix("hs_") if metric.startswith("hs_") else None
-    references: list[tuple[str, float]] = []
+    references: list[tuple[str, float, float | None, float | None]] = []
     series: dict[tuple, list[tuple[float, float, float | None, float | None]]] = {}
     for row in summarize(results):
         mean, lo, hi = row[f"hs_{key}"] if key else row[metric]
@@ -358,7 +358,7 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
         stages = [s for s in (row["alignment"], row["finetuning"], row["post"]) if s != "none"]
         name = " + ".join(stages) or "base"
         if row["poison_ratio"] is None:
-            references.append((f"{name} model ({row['task']})", mean))
+            references.append((f"{name} model ({row['task']})", mean, lo, hi))
         else:
             series.setdefault((row["task"], name), []).append((row["poison_ratio"], mean, lo, hi))
     ratios = {p[0] for points in series.values() for p in points}
@@ -366,7 +366,7 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
         fig = _bar_chart(references, series, f"{ylabel}, p = {ratios.pop():g}")
     else:
         fig, ax = plt.subplots(figsize=(5.8, 4.0))
-        for label, mean in references:
+        for label, mean, _, _ in references:
             ax.axhline(mean, linestyle="--", linewidth=1, color="k" if "base" not in label else "gray", label=label)
         for (task, name), points in sorted(series.items()):
             points.sort()
@@ -384,11 +384,11 @@ def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabe
     return path
 
 
-def _bar_chart(references: list[tuple[str, float]], series: dict, xlabel: str):
+def _bar_chart(references: list[tuple], series: dict, xlabel: str):
     """One horizontal bar per model (reference models in gray), 95 % error bars where known."""
     import matplotlib.pyplot as plt
 
-    bars = [(label, mean, None, None, "0.6") for label, mean in references]
+    bars = [(label, mean, lo, hi, "0.6") for label, mean, lo, hi in references]
     bars += [(f"{name} ({task})", y, lo, hi, "C0") for (task, name), [(_, y, lo, hi)] in sorted(series.items())]
     fig, ax = plt.subplots(figsize=(5.8, 1.2 + 0.32 * len(bars)))
     ys = range(len(bars))[::-1]
