@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import make_model
@@ -85,6 +86,38 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
         assert f"| {stage} | " in text
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert saved["records"] == resumed["records"]
+
+    # Run cell by cell: the base model's evaluation, then each model right after its training
+    experiment = exp_mod.Experiment(_config(tiny_dir), tmp_path / "empty", judge=KeywordJudge())
+    jobs = experiment.schedule(experiment.plan())
+    assert [j["stage"] for j in jobs] == ["evaluation", "alignment", "evaluation"] + ["finetuning", "evaluation"] * 4
+    assert all(b["from"] == a["folder"] for a, b in zip(jobs[1:], jobs[2:]) if b["stage"] == "evaluation")
+
+    # Results kept without weights or answers (as a study is committed): nothing is trained again
+    stages = tmp_path / "b" / "stages"
+    for path in stages.glob("*/model"):
+        shutil.rmtree(path)
+    for path in stages.glob("eval-*/*.jsonl"):
+        path.unlink()
+    trained = []
+
+    def recording(method):
+        def run(self, job, *args):
+            trained.append(job["folder"])
+            return method(self, job, *args)
+        return run
+
+    monkeypatch.setattr(exp_mod.Experiment, "align", recording(exp_mod.Experiment.align))
+    monkeypatch.setattr(exp_mod.Experiment, "finetune", recording(original))
+    assert strip(run_experiment(_config(tiny_dir), tmp_path / "b", judge=KeywordJudge())) == strip(full)
+    assert trained == []
+    # One model's results lost: only its chain is trained again (a finished stage whose model is gone
+    # runs again, although its upstream model is new)
+    lost = next(j for j in jobs if j["stage"] == "evaluation" and j["record"]["defense"] == "surgery")
+    (tmp_path / "b" / lost["folder"] / "eval.json").unlink()
+    again = run_experiment(_config(tiny_dir), tmp_path / "b", judge=KeywordJudge())
+    assert trained == [jobs[1]["folder"], lost["from"]]
+    assert strip(again) == strip(full)
 
 
 def test_bad_configs_are_clear_errors(tmp_path):

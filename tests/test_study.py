@@ -72,3 +72,18 @@ def test_a_new_judge_rescores_cached_generations(model_dir, tmp_path, monkeypatc
     assert hs["hs_corrected_source"] == "beavertails" and hs["hs_corrected_lo"] <= hs["hs_corrected_hi"]
     again = evaluate_model(model_dir, out, "sst2", SETTINGS, WordJudge("the", identity="judge-A"), root)
     assert again["hs"] == first["hs"]  # judge A's verdicts come back from its own folder
+
+    # Answers not kept (a committed study): a judge with verdicts needs no model, another generates again
+    from sinkguard.evaluate.study import answered
+
+    for path in out.glob("*.jsonl"):
+        path.unlink()
+    judge_a = WordJudge("the", identity="judge-A")
+    assert answered(out, judge_a) and answered(out, lambda: judge_a)
+    assert evaluate_model("no-model-needed", out, "sst2", SETTINGS, judge_a, root)["hs"] == first["hs"]
+    judge_c = WordJudge("the", identity="judge-C")
+    assert not answered(out, judge_c) and not answered(tmp_path / "nothing", judge_a)
+    monkeypatch.undo()
+    third = evaluate_model(model_dir, out, "sst2", SETTINGS, judge_c, root)
+    assert third["hs"]["beavertails"]["flags"] == first["hs"]["beavertails"]["flags"]  # same answers again
+    assert (out / "hs_beavertails.jsonl").is_file() and answered(out, judge_c)

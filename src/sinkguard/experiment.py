@@ -3,7 +3,10 @@
 Every stage lives in `RUN_DIR/stages/<kind>-<hash>/`, the hash covering the stage's settings and
 everything upstream, so a grid reuses one aligned model and an interrupted study resumes where it
 stopped (finished stages are skipped, unfinished ones resume from their checkpoints). `plan()`
-lists the stages without loading anything; `sinkguard run --dry-run` prints it.
+lists the stages without loading anything; `sinkguard run --dry-run` prints it. `run` executes
+them cell by cell (each model evaluated right after it is trained) and trains only models whose
+evaluations are not already answered, so a study whose small result files were kept (committed
+without weights, see docs/results/benchmark_cpu.md) resumes on a fresh machine.
 """
 
 from __future__ import annotations
@@ -267,17 +270,6 @@ class Experiment:
 
         e = self.config.evaluation
         out = self.run_dir / "stages" / f"eval-{eval_hash(model_hash, task, e)}"
-        if self.judge is None:
-            from .data.sources import hub_sources
-            from .evaluate.judge import Judge, load_judge
-            from .evaluate.judge_hub import HUB_JUDGES
-
-            if e.judge in HUB_JUDGES:
-                self.judge = Judge.from_hub(e.judge)
-            else:
-                with hub_sources(()):  # a local judge trains on the data root's labelled splits
-                    self.judge = load_judge(auto_train=True, path=None if e.judge == LOCAL_JUDGE else e.judge,
-                                            root=self.config.data_root)
         exclude = []
         if task == "alpaca" and e.benign_limit:  # its train rows may be fine-tuned on
             from .data import load_source
@@ -285,7 +277,48 @@ class Experiment:
             exclude = [r["prompt"] for r in load_source("alpaca", "train", self.config.data_root)]
             log.warning("task alpaca: over-refusal measured on the %d held-out AlpacaEval prompts only",
                         len(load_source("alpaca", "test", self.config.data_root)))
-        return evaluate_model(model_path, out, task, e, self.judge, self.config.data_root, exclude)
+        return evaluate_model(model_path, out, task, e, self.load_judge(), self.config.data_root, exclude)
+
+    def load_judge(self):
+        """The study's judge (the evaluation's `judge`: the local one, trained once if none is cached, a
+        judge folder, or a hub moderation model), loaded on first use."""
+        if self.judge is None:
+            from .data.sources import hub_sources
+            from .evaluate.judge import Judge, load_judge
+            from .evaluate.judge_hub import HUB_JUDGES
+
+            e = self.config.evaluation
+            if e.judge in HUB_JUDGES:
+                self.judge = Judge.from_hub(e.judge)
+            else:
+                with hub_sources(()):  # a local judge trains on the data root's labelled splits
+                    self.judge = load_judge(auto_train=True, path=None if e.judge == LOCAL_JUDGE else e.judge,
+                                            root=self.config.data_root)
+        return self.judge
+
+    def schedule(self, jobs: list[dict]) -> list[dict]:
+        """The jobs of the plan in the order `run` executes them: evaluations of the given model first,
+        then each training stage followed at once by the evaluations of its model, so a study's results
+        appear cell by cell; a training stage is left out when every evaluation downstream of it is
+        answered without its model (`evaluate.study.answered`), so a study whose results were kept
+        (e.g. committed) finishes without its weights."""
+        from .evaluate.study import answered
+
+        train = {job["folder"]: job for job in jobs if job["stage"] != "evaluation"}
+        evals = [job for job in jobs if job["stage"] == "evaluation"]
+        needed: set[str] = set()
+        for job in evals:
+            if not answered(self.run_dir / job["folder"], self.load_judge):
+                folder = job["from"]
+                while folder in train and folder not in needed:
+                    needed.add(folder)
+                    folder = train[folder]["from"]
+        order = [job for job in evals if job["from"] not in train]
+        for folder, job in train.items():
+            if folder in needed:
+                order.append(job)
+            order += [e for e in evals if e["from"] == folder]
+        return order
 
     # ------------------------------------------------------------------ flow
     def run(self) -> dict:
@@ -301,10 +334,11 @@ class Experiment:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         timings: dict[str, float] = {}
-        models: dict[str, str] = {cfg.model: cfg.model}  # folder (or model name) -> model path
-        # Train everything first, then evaluate: training needs no judge, and a crash in
-        # evaluation never costs a trained model.
-        for job in jobs:
+        # folder (or model name) -> model path; a stage left out by `schedule` keeps its planned path
+        models: dict[str, str] = {cfg.model: cfg.model}
+        models |= {job["folder"]: str(self.run_dir / job["folder"] / "model") for job in jobs
+                   if job["stage"] != "evaluation"}
+        for job in self.schedule(jobs):
             t0 = time.time()
             if job["stage"] == "alignment":
                 models[job["folder"]] = self.align(job)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 from .errors import SinkguardError
 from .io import write_json
+
+log = logging.getLogger(__name__)
 
 STAMP_FILE = "stage.json"
 
@@ -71,11 +74,16 @@ def claim(out: str | os.PathLike, settings: dict, inputs: dict[str, str], output
     """Record `settings` + `inputs` for the stage in `out`; return the record of a finished run to reuse.
 
     A folder holding any of `outputs` but no matching record is refused (or cleared with `overwrite`).
+    A finished record whose first output (the model) is gone is stale, e.g. a study's results kept
+    without their weights: the folder is cleared and the stage runs again.
     """
     out = Path(out)
     record = {"settings": settings, "inputs": inputs}
     old = read(out)
     present = [name for name in outputs if (out / name).exists()]
+    if old is not None and old.get("finished") and outputs[0] not in present:
+        log.warning("%s: finished before, but its %s is gone: running the stage again", out, outputs[0])
+        old, overwrite = None, True
     if old is not None and {"settings": old.get("settings"), "inputs": old.get("inputs")} == json.loads(
             json.dumps(record, default=str)):
         return old if old.get("finished") else None

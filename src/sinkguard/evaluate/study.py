@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -108,6 +109,28 @@ def _safe(identity: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", identity)[:80]
 
 
+def _answers_kept(out: Path, gen: dict) -> bool:
+    files = [f"hs_{name}.jsonl" for name in gen.get("hs_sets", {})] + (["benign_alpaca.jsonl"] if gen.get("benign_n")
+                                                                       else [])
+    return all((out / name).is_file() for name in files)
+
+
+def answered(out: str | os.PathLike, judge) -> bool:
+    """Whether the evaluation in `out` finishes without its model: its generations' results are cached,
+    and so are the answers or the judge's verdicts on them (answers not kept, e.g. a committed study).
+    `judge`: the judge, or a function returning it (called only when the verdicts decide)."""
+    from .metrics import judge_identity
+
+    out = Path(out)
+    gen = _read_json(out / "eval.json")
+    if not gen or gen.get("format") != FORMAT:
+        return False
+    if _answers_kept(out, gen):
+        return True
+    identity = judge_identity(judge() if inspect.isfunction(judge) or inspect.ismethod(judge) else judge)
+    return (out / f"verdicts-{_safe(identity)}" / "verdicts.json").is_file()
+
+
 def score_answers(
     out: str | os.PathLike, judge, correction_source: str | None = "beavertails", is_refusal=None,
 ) -> dict:
@@ -151,6 +174,8 @@ def evaluate_model(
 ) -> dict:
     """Generations (cached per model and settings) + verdicts (cached per judge), merged."""
     e = evaluation_config(settings)
+    if not answered(out, judge):  # answers not kept and not judged by this judge: generate them again
+        Path(out, "eval.json").unlink(missing_ok=True)
     gen = generate_answers(model_path, out, task, e, data_root, benign_exclude)
     verdicts = score_answers(out, judge, e.correction_source)
     return gen | {"hs": verdicts["hs"], "benign": verdicts["benign"], "judge": verdicts["judge"],
