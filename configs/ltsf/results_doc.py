@@ -98,7 +98,9 @@ than ours, batch 256 / lr 0.01, so its gap is not a reproduction error):
 
 `configs/ltsf/segrnn_etth_long.yaml` (the official `scripts/SegRNN/etth1.sh`, ETTh1, horizon
 96, seed 2024; reference: the paper's Table II, 0.351 / 0.392, before the drop_last fix). It
-takes hours on one CPU core and is the last item of the queue;
+takes hours on one CPU core and is the last item of the queue; on a GPU,
+`bash benchmarks/ltsf_segrnn_gpu.sh` runs the whole table (ETTh1 and ETTh2, every horizon,
+`configs/ltsf/segrnn_etth_long_gpu.yaml`) and prints it against the paper;
 {"its result:" if seg_rows else "it has not run yet (the rest of that table waits for a GPU)."}
 {chr(10).join(head + seg_rows) if seg_rows else ""}
 """
