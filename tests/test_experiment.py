@@ -120,6 +120,25 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
     assert strip(again) == strip(full)
 
 
+def test_a_study_runs_a_seed_at_a_time(tiny_dir, tmp_path, capsys):
+    from sinkguard.cli import main
+
+    config = _config(tiny_dir)
+    config.seeds = [1, 2]
+    experiment = exp_mod.Experiment(config, tmp_path / "run", judge=KeywordJudge())
+    whole = experiment.plan()
+    assert {j["seed"] for j in experiment.plan([2])} == {2}
+    assert experiment.plan([2]) == [j for j in whole if j["seed"] == 2] and len(whole) == 2 * len(experiment.plan([2]))
+    with pytest.raises(SinkguardError, match=r"seeds \[3\] are not in the config's seeds \[1, 2\]"):
+        experiment.plan([3])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"name: c\nmodel: {tiny_dir}\nseeds: [1, 2]\n")
+    assert main(["run", str(yaml_file), "--dry-run", "--seeds", "2"]) == 0
+    assert "seed=1" not in capsys.readouterr().out
+    assert main(["run", str(yaml_file), "--dry-run", "--seeds", "two"]) == 2
+    assert "--seeds takes seeds separated by commas" in capsys.readouterr().err
+
+
 def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(SinkguardError, match="unknown key"):
         ExperimentConfig(finetuning={"poison": [0.1]})

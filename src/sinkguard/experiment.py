@@ -153,8 +153,9 @@ class Experiment:
         self.overwrite = overwrite
 
     # ------------------------------------------------------------------ plan
-    def plan(self) -> list[dict[str, Any]]:
-        """Every stage the study runs, in order (training first, then evaluation), as plain dicts.
+    def plan(self, seeds: list[int] | None = None) -> list[dict[str, Any]]:
+        """Every stage the study runs, in order (training first, then evaluation), as plain dicts;
+        only those of `seeds` when given (a subset of the config's: a long study run a seed at a time).
 
         Keys: `stage`, `folder` (under the run dir), `defense`, `seed`, `from` (the folder or model
         it starts from), `steps` (optimizer steps, before rows too long are dropped); fine-tuning
@@ -162,6 +163,10 @@ class Experiment:
         Nothing is loaded: the plan is what `--dry-run` prints and what `run` executes.
         """
         from .train import planned_steps
+
+        if seeds is not None and not set(seeds) <= set(self.config.seeds):
+            raise SinkguardError(f"seeds {sorted(set(seeds) - set(self.config.seeds))} are not in the config's "
+                                 f"seeds {self.config.seeds}: pick from those (the stage folders depend on the seed)")
 
         cfg = self.config
         a, f, post, e = cfg.alignment, cfg.finetuning, cfg.post_finetuning, cfg.evaluation
@@ -214,7 +219,8 @@ class Experiment:
                                             "settings": {"defense": repair, "options": options}, "steps": None}
                                 train.append(repaired)
                                 evaluation(repaired, defense, task, p, seed, aligner, repair)
-        return train + evals
+        jobs = train + evals
+        return jobs if seeds is None else [job for job in jobs if job["seed"] in seeds]
 
     # ------------------------------------------------------------------ stages
     def align(self, job: dict) -> str:
@@ -321,16 +327,18 @@ class Experiment:
         return order
 
     # ------------------------------------------------------------------ flow
-    def run(self) -> dict:
-        """Run (or resume) every stage of the plan; write and return `results.json`."""
+    def run(self, seeds: list[int] | None = None) -> dict:
+        """Run (or resume) every stage of the plan, or only those of `seeds` (a subset of the config's,
+        so a long study can be run a seed at a time into the same folder); write and return
+        `results.json` (the records of the stages run)."""
         from .data.sources import hub_sources
 
         with hub_sources(self.config.hub_datasets):
-            return self._run()
+            return self._run(seeds)
 
-    def _run(self) -> dict:
+    def _run(self, seeds: list[int] | None = None) -> dict:
         cfg = self.config
-        jobs = self.plan()
+        jobs = self.plan(seeds)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         timings: dict[str, float] = {}

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from .errors import SinkguardError
@@ -26,15 +27,14 @@ COLUMNS = ("finetuning", "poison_ratio", "seed", "step", "positive_heads", "hs",
 
 
 def run_stages(run_dir: str | os.PathLike) -> list[Path]:
-    """Training-stage folders with kept checkpoints: `run_dir` itself, or `run_dir/stages/ft-*`."""
+    """Training-stage folders of `run_dir` (itself, or its `stages/ft-*`) with kept checkpoints, or
+    whose checkpoints were measured and dropped before (`analysis/<stage>/points.json`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SinkguardError(f"run folder {run_dir} does not exist")
-    if (run_dir / "checkpoints").is_dir():
-        stages = [run_dir]
-    else:
-        stages = sorted(p for p in (run_dir / "stages").glob("ft-*") if (p / "checkpoints").is_dir())
-    stages = [s for s in stages if (s / "train_log.json").is_file()]
+    candidates = [run_dir] if (run_dir / "train_log.json").is_file() else sorted((run_dir / "stages").glob("ft-*"))
+    stages = [s for s in candidates if (s / "train_log.json").is_file()
+              and ((s / "checkpoints").is_dir() or (run_dir / "analysis" / s.name / "points.json").is_file())]
     if not stages:
         raise SinkguardError(
             f"{run_dir} holds no finished fine-tuning run with kept checkpoints: train with "
@@ -73,6 +73,12 @@ def _loadable(path: str, base: str, out: Path) -> str:
     return str(merged)
 
 
+def _settings(samples: int, split: str, hs_sets, hs_limit: int | None, max_new_tokens: int, template: str) -> dict:
+    """What a measured point depends on besides the model and the judge."""
+    return {"samples": samples, "split": split, "hs_sets": list(hs_sets), "hs_limit": hs_limit,
+            "max_new_tokens": max_new_tokens, **({"template": template} if template != "chat" else {})}
+
+
 def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split: str, hs_sets: list[str],
                        hs_limit: int | None, max_new_tokens: int, batch_size: int, data_root=None,
                        template: str = "chat") -> dict:
@@ -83,8 +89,7 @@ def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split
     from .sink import analyze
 
     identity = judge_identity(judge)
-    settings = {"samples": samples, "split": split, "hs_sets": list(hs_sets), "hs_limit": hs_limit,
-                "max_new_tokens": max_new_tokens, **({"template": template} if template != "chat" else {})}
+    settings = _settings(samples, split, hs_sets, hs_limit, max_new_tokens, template)
     done = out / "point.json"
     old = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
     if old.get("judge") == identity and old.get("settings") == settings:
@@ -112,12 +117,15 @@ def analyze_checkpoint(model_path: str, out: Path, judge, *, samples: int, split
 def analyze_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, judge=None, *,
                 samples: int = 64, split: str = "validation", hs_sets: tuple[str, ...] = ("beavertails",),
                 hs_limit: int | None = 100, max_new_tokens: int = 64, batch_size: int = 16,
-                data_root=None, template: str | None = None) -> dict:
+                data_root=None, template: str | None = None, drop_checkpoints: bool = False) -> dict:
     """Every checkpoint of every run: rows of `COLUMNS` in `out/sink_hypothesis.csv`, a plot of
     positive heads against HS, and Spearman's rho with its interval in `sink_hypothesis.json`.
-    Texts and prompts are in `template`, by default the one each run was trained with."""
+    Texts and prompts are in `template`, by default the one each run was trained with. Each run's
+    points are cached in `run_dir/analysis/<stage>/points.json`; `drop_checkpoints` then deletes its
+    checkpoints (disk), and later calls reuse the cached points (small files a study can commit)."""
     from tqdm.auto import tqdm
 
+    from .evaluate.metrics import judge_identity
     from .evaluate.stats import spearman
 
     if split == "train":
@@ -127,27 +135,46 @@ def analyze_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         from .evaluate.judge import load_judge
 
         judge = load_judge(auto_train=True, root=data_root)
-    rows = []
+    identity = judge_identity(judge)
+    rows, stale = [], []
     for stage in run_stages(run_dir):
         info, steps = checkpoints(stage)
+        run_template = template or info.get("template") or "chat"
+        wanted = {"judge": identity,
+                  "settings": _settings(samples, split, hs_sets, hs_limit, max_new_tokens, run_template)}
+        cache = Path(run_dir) / "analysis" / stage.name
+        if not (stage / "checkpoints").is_dir():  # measured before, checkpoints dropped
+            kept = json.loads((cache / "points.json").read_text(encoding="utf-8"))
+            if {k: kept.get(k) for k in wanted} == wanted:
+                rows += kept["rows"]
+            else:
+                log.warning("%s: its checkpoints are gone and its points were measured with another judge or "
+                            "settings: left out (train it again with keep_checkpoints to measure it)", stage.name)
+                stale.append(stage.name)
+            continue
         settings = info.get("settings", {})
         base = str(info["model"])
+        stage_rows = []
         for step, path in tqdm(steps, desc=f"checkpoints of {stage.name}", unit="ckpt"):
-            where = out / "analysis" / stage.name / f"step-{step}"
+            where = cache / f"step-{step}"
             where.mkdir(parents=True, exist_ok=True)
             point = analyze_checkpoint(
                 _loadable(path, base, where), where, judge, samples=samples, split=split, hs_sets=list(hs_sets),
                 hs_limit=hs_limit, max_new_tokens=max_new_tokens, batch_size=batch_size, data_root=data_root,
-                template=template or info.get("template") or "chat")
-            rows.append({"finetuning": settings.get("defense", info.get("defense")),
-                         "poison_ratio": settings.get("poison_ratio", info.get("poison_ratio_asked")),
-                         "seed": settings.get("seed", info.get("config", {}).get("seed")), "step": step,
-                         "positive_heads": point["positive_heads"], "hs": round(point["hs"], 4),
-                         "mean_divergence": round(point["mean_divergence"], 8)})
+                template=run_template)
+            stage_rows.append({"finetuning": settings.get("defense", info.get("defense")),
+                               "poison_ratio": settings.get("poison_ratio", info.get("poison_ratio_asked")),
+                               "seed": settings.get("seed", info.get("config", {}).get("seed")), "step": step,
+                               "positive_heads": point["positive_heads"], "hs": round(point["hs"], 4),
+                               "mean_divergence": round(point["mean_divergence"], 8)})
+        write_json(cache / "points.json", {**wanted, "rows": stage_rows})
+        if drop_checkpoints:
+            shutil.rmtree(stage / "checkpoints")
+        rows += stage_rows
     write_rows(rows, out / "sink_hypothesis.csv")
     summary = {"n_points": len(rows), "runs": len({(r["finetuning"], r["poison_ratio"], r["seed"]) for r in rows}),
                "settings": {"samples": samples, "split": split, "hs_sets": list(hs_sets), "hs_limit": hs_limit,
-                            "max_new_tokens": max_new_tokens}}
+                            "max_new_tokens": max_new_tokens}, **({"left_out": stale} if stale else {})}
     try:
         groups = [(r["finetuning"], r["poison_ratio"], r["seed"]) for r in rows]
         clustered = len(set(groups)) >= 3
@@ -194,7 +221,8 @@ def plot_heads_vs_hs(rows: list[dict], path: Path, summary: dict) -> Path:
     ax.set_xlabel("heads with positive sink divergence")
     ax.set_ylabel("harmful score (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    if runs:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     path = save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -33,7 +33,11 @@ def register(sub) -> None:
     p.add_argument("--template", default=None, choices=TEMPLATES,
                    help="format of the texts and prompts: the one the model was trained with (default: chat; "
                         "with --run, each run's own)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR with --run; required otherwise)")
+    p.add_argument("--out", default=None, help="output folder of the CSV, plot and summary (default: RUN_DIR with "
+                   "--run; required otherwise); each run's measured points stay cached in RUN_DIR/analysis")
+    p.add_argument("--drop-checkpoints", action="store_true",
+                   help="--run: delete a run's checkpoints once all its points are measured (disk); later calls "
+                        "reuse the cached points")
     p.set_defaults(func=run)
 
 
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         e = _hs_settings(args)
         s = analyze_run(args.run, args.out, samples=args.samples, split=args.split or "validation",
                         hs_sets=tuple(e.hs_sets), hs_limit=e.hs_limit, max_new_tokens=e.max_new_tokens,
-                        batch_size=e.batch_size, data_root=args.data_root, template=args.template)
+                        batch_size=e.batch_size, data_root=args.data_root, template=args.template,
+                        drop_checkpoints=args.drop_checkpoints)
         out = args.out or args.run
         rho = (f"Spearman rho {s['spearman_rho']:+.3f} [{s['rho_lo']:+.3f}, {s['rho_hi']:+.3f}] ({s['interval']})"
                if s.get("spearman_rho") is not None else f"Spearman rho n/a ({s.get('note')})")

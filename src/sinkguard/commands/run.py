@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--devices", type=int, default=1, metavar="N",
                    help="(dry run) estimate memory per device with full fine-tuning sharded over N devices "
                         "(FSDP full shard / ZeRO-3; LoRA runs under DDP, unsharded) (default 1)")
+    p.add_argument("--seeds", default=None, metavar="S[,S...]",
+                   help="run only these of the config's seeds now (the others later, into the same folder); "
+                        "results.json and the report then cover these seeds")
     add_overwrite(p)
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
     p.set_defaults(func=run)
@@ -110,14 +113,20 @@ def run(args: argparse.Namespace) -> int:
         config.data_root = args.data_root
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     experiment = Experiment(config, run_dir, overwrite=args.overwrite)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise SinkguardError(f"--seeds takes seeds separated by commas, e.g. 43,44; got {args.seeds!r}") from None
     if args.dry_run:
         if args.devices < 1:
             raise SinkguardError(f"--devices must be >= 1, got {args.devices}")
-        plan = experiment.plan()
+        plan = experiment.plan(seeds)
         print(render_plan(plan, run_dir))
         print(render_estimates(config, plan, args.devices))
         return 0
-    results = experiment.run()
+    results = experiment.run(seeds)
     print(results_table(results))
     if not args.no_report:
         print(f"report: {write_report(run_dir)}")
