@@ -188,3 +188,15 @@ def test_experiment_runs_the_post_finetuning_stage(tiny_dir, tmp_path, scale_def
     assert json.loads((post_dir / "repair_log.json").read_text())["adapter"] == str(ft_dir / "adapter")
     torch.testing.assert_close(_weights(post_dir / "model")["lm_head.weight"],
                                0.9 * _weights(ft_dir / "model")["lm_head.weight"])
+
+
+def test_a_stopped_stage_that_left_nothing_starts_afresh_with_new_inputs(tmp_path):
+    from sinkguard import stamp
+
+    out = tmp_path / "stopped"
+    assert stamp.claim(out, {"lr": 1}, {"model": "a"}, ("model", "checkpoints")) is None  # stopped before a checkpoint
+    assert stamp.claim(out, {"lr": 1}, {"model": "b"}, ("model", "checkpoints")) is None  # e.g. its base retrained
+    assert stamp.read(out)["inputs"] == {"model": "b"}
+    (out / "checkpoints").mkdir()  # something to resume from: other inputs are refused as before
+    with pytest.raises(SinkguardError, match="input model changed"):
+        stamp.claim(out, {"lr": 1}, {"model": "c"}, ("model", "checkpoints"))

@@ -75,7 +75,8 @@ def claim(out: str | os.PathLike, settings: dict, inputs: dict[str, str], output
 
     A folder holding any of `outputs` but no matching record is refused (or cleared with `overwrite`).
     A finished record whose first output (the model) is gone is stale, e.g. a study's results kept
-    without their weights: the folder is cleared and the stage runs again.
+    without their weights: the folder is cleared and the stage runs again. So is an unfinished record
+    with none of `outputs` (a run stopped before its first checkpoint): nothing of it can be lost.
     """
     out = Path(out)
     record = {"settings": settings, "inputs": inputs}
@@ -84,6 +85,8 @@ def claim(out: str | os.PathLike, settings: dict, inputs: dict[str, str], output
     if old is not None and old.get("finished") and outputs[0] not in present:
         log.warning("%s: finished before, but its %s is gone: running the stage again", out, outputs[0])
         old, overwrite = None, True
+    elif old is not None and not old.get("finished") and not present:
+        old = None
     if old is not None and {"settings": old.get("settings"), "inputs": old.get("inputs")} == json.loads(
             json.dumps(record, default=str)):
         return old if old.get("finished") else None
