@@ -70,7 +70,9 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
     monkeypatch.setattr(exp_mod.Experiment, "finetune", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(_config(tiny_dir), tmp_path / "b", judge=KeywordJudge())
-    assert not (tmp_path / "b" / "results.json").exists()
+    partial = json.loads((tmp_path / "b" / "results.json").read_text())  # the cells answered before the stop
+    assert partial["complete"] is False and len(partial["records"]) == 4  # base, aligned, the two models before
+    assert "**Not finished**" in write_report(tmp_path / "b").read_text()
     monkeypatch.setattr(exp_mod.Experiment, "finetune", original)
     resumed = run_experiment(_config(tiny_dir), tmp_path / "b", judge=KeywordJudge())
 
@@ -85,7 +87,7 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
                   "eval of ft-sft-sst2-p0.0-s1 (from align-sft)", "eval of align-sft"):
         assert f"| {stage} | " in text
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert saved["records"] == resumed["records"]
+    assert saved["records"] == resumed["records"] and saved["complete"] is True
 
     # Run cell by cell: the base model's evaluation, then each model right after its training
     experiment = exp_mod.Experiment(_config(tiny_dir), tmp_path / "empty", judge=KeywordJudge())

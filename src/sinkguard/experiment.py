@@ -358,8 +358,17 @@ class Experiment:
                 r = self.evaluate(models[job["from"]], job["model_hash"], job["task"])
                 job["result"] = self._record(job["record"], r)
             timings[job["stage"]] = round(timings.get(job["stage"], 0) + time.time() - t0, 1)
-        records = [job["result"] for job in jobs if job["stage"] == "evaluation"]
-        results = {"name": cfg.name, "model": cfg.model, "records": records, "stage_wall_s": timings}
+            if job["stage"] == "evaluation":  # cell by cell: a stopped run still has its results so far
+                self._write_results([j["result"] for j in jobs if "result" in j], timings, complete=False)
+        return self._write_results([j["result"] for j in jobs if j["stage"] == "evaluation"], timings,
+                                   complete=seeds is None)
+
+    def _write_results(self, records: list[dict], timings: dict, complete: bool) -> dict:
+        """`results.json`: the records in plan order; `complete` is false while cells of the config are missing
+        (a stopped run, or a run of some of its seeds)."""
+        cfg = self.config
+        results = {"name": cfg.name, "model": cfg.model, "records": records, "stage_wall_s": timings,
+                   "complete": complete}
         write_json(self.run_dir / "results.json", results)
         return results
 

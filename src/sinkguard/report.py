@@ -441,6 +441,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     corrections = correction_table(results)
     text = "\n\n".join(part for part in [
         f"# {results.get('name', run_dir.name)}: {results.get('model', '')}",
+        "**Not finished**: the tables hold the cells answered so far; `sinkguard run` with the same config "
+        "resumes." if results.get("complete") is False else "",
         "HS: % of answers the judge flags on harmful prompts (lower is better), per prompt set and pooled "
         "('all'); corrected: Rogan-Gladen prevalence from the judge's sensitivity and specificity; refusal: "
         "keyword refusal rate; benign refusal: keyword refusal rate on benign AlpacaEval prompts; FA: fine-tune "
