@@ -225,6 +225,32 @@ def test_partial_fine_tuning_trains_only_the_upper_blocks(tiny_encoder_dir, toy_
         train_judge(_tiny_config(tiny_encoder_dir, frozen_layers=2), data=toy_data, save=False, progress=False)
 
 
+def test_a_decoder_is_read_as_an_encoder_and_trains_its_upper_blocks(tokenizer, tmp_path, toy_data):
+    """A Llama-style decoder (e.g. the bundled SmolLM2) as the judge's encoder: causal split forward."""
+    from conftest import make_model
+
+    from sinkguard.evaluate.judge import JudgeModel, load_encoder
+
+    folder = tmp_path / "decoder"
+    make_model(len(tokenizer), layers=2, seed=1).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    encoder, tok = load_encoder(str(folder))
+    model = JudgeModel(encoder).eval()
+    batch = _Encoded(tok, PROMPTS, SAFE[:3], 32).collate([0, 1, 2])
+    assert batch["attention_mask"].sum(1).unique().numel() > 1  # rows of other lengths: padding is masked
+    with torch.no_grad():
+        full = model(**batch)
+        for k in (0, 1, 2):
+            split = model.upper(model.lower(**batch, k=k), batch["attention_mask"], k)
+            assert torch.allclose(split, full, atol=1e-5)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    judge = train_judge(_tiny_config(folder, frozen_layers=1), data=toy_data, encoder=(encoder, tok), save=False,
+                        progress=False)
+    after = judge.model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("embed_tokens.", "layers.0.")))
+    assert not torch.equal(before["layers.1.mlp.down_proj.weight"], after["layers.1.mlp.down_proj.weight"])
+
+
 def test_training_is_seeded(tiny_encoder_dir, toy_data, trained):
     again = train_judge(_tiny_config(tiny_encoder_dir), data=toy_data, save=False, progress=False)
     pairs = [r["prompt"] for r in toy_data.test], [r["response"] for r in toy_data.test]

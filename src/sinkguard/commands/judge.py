@@ -28,6 +28,8 @@ def register(sub) -> None:
     t.add_argument("--method", choices=("probe", "finetune"), default=None,
                    help="probe: frozen encoder + logistic regression (default); finetune: top blocks trained")
     t.add_argument("--epochs", type=int, default=None, help="finetune: epochs (best on validation kept)")
+    t.add_argument("--frozen-layers", type=int, default=None,
+                   help="finetune: lower blocks kept frozen (their states computed once; default 4 of MiniLM's 6)")
     t.add_argument("--seed", type=int, default=None, help="random seed")
     t.add_argument("--refusal-rows", type=int, default=None, help="refusal rows to train on")
     t.add_argument("--degenerate-rows", type=int, default=None,
@@ -85,14 +87,15 @@ def _judge(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Train, save, and print validation and test metrics."""
-    for flag in ("epochs", "refusal_rows", "degenerate_rows", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag.endswith("_rows") else 1):
-            raise SinkguardError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    for flag in ("epochs", "refusal_rows", "degenerate_rows", "threads", "frozen_layers"):
+        value, lo = getattr(args, flag), 0 if flag.endswith(("_rows", "_layers")) else 1
+        if value is not None and value < lo:
+            raise SinkguardError(f"--{flag.replace('_', '-')} must be >= {lo}, got {value}")
     from ..evaluate.judge import JudgeConfig, evaluate_judge, judge_data, train_judge
 
     overrides = {"encoder": args.encoder, "method": args.method, "epochs": args.epochs, "seed": args.seed,
-                 "refusal_rows": args.refusal_rows, "degenerate_rows": args.degenerate_rows, "threads": args.threads}
+                 "refusal_rows": args.refusal_rows, "degenerate_rows": args.degenerate_rows, "threads": args.threads,
+                 "frozen_layers": args.frozen_layers}
     config = JudgeConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
     data = judge_data(config, args.data_root)
     judge = train_judge(config, args.data_root, data=data, path=args.out)

@@ -147,41 +147,63 @@ class JudgeModel(nn.Module):
         """Mean over real tokens of the last states, dropout, linear head."""
         return self.head(self.dropout(_mean(hidden, attention_mask))).squeeze(-1)
 
-    # Split forward for partial fine-tuning of BERT-style encoders (`embeddings`, `encoder.layer`):
-    # the states after the first `k` layers are computed once, the upper layers are trained.
+    # Split forward for partial fine-tuning: the states after the first `k` layers are computed once,
+    # the upper layers are trained. BERT-style encoders (`embeddings`, `encoder.layer`) and Llama-style
+    # decoders (`embed_tokens`, `layers`, `rotary_emb`, final `norm`; causal attention) are supported.
+    def _is_decoder(self) -> bool:
+        return all(hasattr(self.encoder, name) for name in ("embed_tokens", "layers", "rotary_emb", "norm"))
+
     def layers(self) -> nn.ModuleList:
-        """The encoder's transformer blocks (BERT-style encoders only)."""
+        """The encoder's transformer blocks."""
+        if self._is_decoder():
+            return self.encoder.layers
         layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
         if not isinstance(layers, nn.ModuleList) or not hasattr(self.encoder, "embeddings"):
-            raise SinkguardError("frozen_layers > 0 needs a BERT-style encoder (embeddings + encoder.layer); "
-                                 "set frozen_layers=0 for this encoder")
+            raise SinkguardError("frozen_layers > 0 needs a BERT-style encoder (embeddings + encoder.layer) or a "
+                                 "Llama-style decoder (embed_tokens + layers); set frozen_layers=0 for this encoder")
         return layers
 
-    @staticmethod
-    def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
     def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, blocks) -> torch.Tensor:
-        mask = self._additive_mask(attention_mask, hidden.dtype)
+        allowed = attention_mask[:, None, None, :].bool()
+        extra = {}
+        if self._is_decoder():
+            width = hidden.shape[1]
+            allowed = allowed & torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
+            positions = torch.arange(width, device=hidden.device)[None]
+            extra = {"position_ids": positions,
+                     "position_embeddings": self.encoder.rotary_emb(hidden, position_ids=positions)}
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min)
         for block in blocks:
-            out = block(hidden, attention_mask=mask)
+            out = block(hidden, attention_mask=mask, **extra)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None, k: int = 0) -> torch.Tensor:
         """Hidden states after the embeddings and the first `k` blocks."""
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = self.encoder.embeddings(input_ids=input_ids, **kwargs)
+        if self._is_decoder():
+            hidden = self.encoder.embed_tokens(input_ids)
+        else:
+            kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            hidden = self.encoder.embeddings(input_ids=input_ids, **kwargs)
         return self._run(hidden, attention_mask, self.layers()[:k])
 
     def upper(self, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
-        """Logits from the states after block `k`: the remaining blocks, pooling and head."""
-        return self.pool(self._run(hidden, attention_mask, self.layers()[k:]), attention_mask)
+        """Logits from the states after block `k`: the remaining blocks (a decoder's final norm), pooling, head."""
+        hidden = self._run(hidden, attention_mask, self.layers()[k:])
+        if self._is_decoder():
+            hidden = self.encoder.norm(hidden)
+        return self.pool(hidden, attention_mask)
 
 
 def encoder_path(name: str = ENCODER_ALIAS) -> str:
-    """Directory (or hub id) of an encoder: the bundled MiniLM alias, a local folder or a hub id."""
+    """Directory (or hub id) of an encoder: the bundled MiniLM alias, a bundled language model (its
+    decoder read as an encoder, e.g. smollm2-135m-instruct), a local folder or a hub id."""
+    from ..models import BUNDLED, resolve
+
+    if name in BUNDLED:
+        return resolve(name)[0]
     if name == ENCODER_ALIAS:
         spec = importlib.util.find_spec(ENCODER_PACKAGE)
         if spec is None or spec.origin is None:
@@ -245,7 +267,8 @@ def _cut_prompts(tokenizer, prompts: Sequence[str], tokens: int) -> list[str]:
 
 
 class _Encoded(_Batches):
-    """[CLS] prompt [SEP] answer [SEP] windows: the first one, or overlapping chunks of the answer.
+    """[CLS] prompt [SEP] answer [SEP] windows (a decoder's: prompt, newline, answer): the first one,
+    or overlapping chunks of the answer.
 
     The prompt is cut to half the window; `row_of[i]` is the pair chunk `i` belongs to.
     """
@@ -253,6 +276,8 @@ class _Encoded(_Batches):
     def __init__(self, tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
                  chunks: bool = False, stride: int = 64):
         prompts = _cut_prompts(tokenizer, prompts, max_length // 2)
+        if tokenizer.sep_token is None:  # a decoder's tokenizer joins the pair with nothing between
+            prompts = [p + "\n" for p in prompts]
         stride = max(0, min(stride, max_length // 4 - 2))
         enc = tokenizer(prompts, list(responses), truncation="only_second", max_length=max_length,
                         stride=stride if chunks else 0, return_overflowing_tokens=chunks)
