@@ -4,7 +4,9 @@ All three on the same held-out `report` rows (`sinkguard.evaluate.judge_data`): 
 test split (accuracy, F1, ECE) and every other source (sensitivity, specificity, accuracy); rows a
 judge was trained on are left out of its numbers (the previous judge trained on 80% of harmful_qa,
 so only its own held-out harmful_qa rows count). Also reported: training time, reload time and
-scoring speed. `--retrain` trains the new judge in this run (into a temporary folder).
+scoring speed. `--retrain` trains the new judge in this run (into a temporary folder). With
+`--previous`, a paired exact McNemar test per source (rows only one of the two judges gets right),
+Holm-corrected over the sources.
 Usage: python benchmarks/judge_quality.py [--judge DIR] [--previous DIR] [--retrain] [--json]
 """
 
@@ -49,7 +51,7 @@ def _measure_judge(judge, data, root) -> dict:
     from sinkguard.evaluate.judge import binary_metrics, expected_calibration_error, source_metrics
 
     seen = _previous_training_rows(judge, root)
-    out = {"identity": judge.identity, "train_seconds": judge.info.get("train_seconds"), "sources": {}}
+    out = {"identity": judge.identity, "train_seconds": judge.info.get("train_seconds"), "sources": {}, "correct": {}}
     start = time.perf_counter()
     n = 0
     for name, rows in data.heldout.items():
@@ -58,11 +60,28 @@ def _measure_judge(judge, data, root) -> dict:
         n += len(rows)
         labels = [r["harmful"] for r in rows]
         flags = [judge.decide(s) for s in scores]
+        out["correct"][name] = {(r["prompt"], r["response"]): f == y for r, f, y in zip(rows, flags, labels)}
         out["sources"][name] = {**source_metrics(labels, flags), "ece": expected_calibration_error(labels, scores)}
         if name == "beavertails":
             out["beavertails_test"] = {**binary_metrics(labels, flags), "ece": out["sources"][name]["ece"]}
     out["score_pairs_per_second"] = round(n / (time.perf_counter() - start), 1)
     out["worst_source_accuracy"] = min(m["accuracy"] for m in out["sources"].values())
+    return out
+
+
+def _paired(new: dict, previous: dict) -> dict:
+    """Per source, the rows (judged by both) only the new / only the previous judge gets right, with
+    the exact McNemar p-value, Holm-corrected over the sources."""
+    from sinkguard.evaluate.stats import holm, mcnemar_exact
+
+    out = {}
+    for source in new:
+        common = sorted(set(new[source]) & set(previous.get(source, {})))
+        b = sum(new[source][k] and not previous[source][k] for k in common)
+        c = sum(previous[source][k] and not new[source][k] for k in common)
+        out[source] = {"n": len(common), "new_only": b, "previous_only": c, "p": mcnemar_exact(b, c)}
+    for source, p_holm in zip(out, holm([m["p"] for m in out.values()])):
+        out[source]["p_holm"] = p_holm
     return out
 
 
@@ -95,6 +114,8 @@ def measure(judge_path: str | None, previous_path: str | None, retrain: bool, da
     result["new"]["calibration"] = judge.info.get("calibration")
     if previous_path:
         result["previous"] = _measure_judge(Judge.load(previous_path), data, data_root)
+        result["paired"] = _paired(result["new"].pop("correct"), result["previous"].pop("correct"))
+    result["new"].pop("correct", None)
     start = time.process_time()
     tfidf = TfidfScorer.fit(data.train)
     baseline = {"fit_cpu_seconds": round(time.process_time() - start, 1), "sources": {}}
@@ -140,6 +161,10 @@ def main() -> int:
             m = result[model]["sources"][source]
             print(f"| {source} | {model} | {_rate(m['accuracy'])} | {_rate(m['sensitivity'])} | "
                   f"{_rate(m['specificity'])} | {m['n_harmful']} | {m['n_safe']} | {m['ece']:.3f} |")
+    if "paired" in result:
+        print("\n| source | rows | only new right | only previous right | McNemar p (Holm) |\n|---|---|---|---|---|")
+        for source, m in result["paired"].items():
+            print(f"| {source} | {m['n']} | {m['new_only']} | {m['previous_only']} | {m['p_holm']:.3g} |")
     for model in models:
         print(f"{model}: worst source accuracy {result[model]['worst_source_accuracy']:.3f}")
     new = result["new"]

@@ -265,8 +265,9 @@ def test_dry_run_lists_every_stage_and_loads_nothing(tmp_path, capsys, monkeypat
     assert sum(" alignment " in f" {line.strip()} " and line.strip().startswith("alignment") for line in lines) == 4
     assert sum(line.strip().startswith("finetuning") for line in lines) == n_ft
     assert sum(line.strip().startswith("post_finetuning") for line in lines) == n_ft
-    # base once per seed, aligned per aligner, each fine-tune with and without the repair
-    assert sum(line.strip().startswith("evaluation") for line in lines) == 2 * (1 + 2) + 2 * n_ft
+    # base once (it does not depend on the seed), aligned per seed and aligner, each fine-tune with and
+    # without the repair
+    assert sum(line.strip().startswith("evaluation") for line in lines) == 1 + 2 * 2 + 2 * n_ft
     assert "(from nobody/offline-model, 5 steps)" in out and "20 steps)" in out
     assert not (tmp_path / "run").exists()
 

@@ -130,9 +130,17 @@ def test_a_study_runs_a_seed_at_a_time(tiny_dir, tmp_path, capsys):
     experiment = exp_mod.Experiment(config, tmp_path / "run", judge=KeywordJudge())
     whole = experiment.plan()
     assert {j["seed"] for j in experiment.plan([2])} == {2}
-    assert experiment.plan([2]) == [j for j in whole if j["seed"] == 2] and len(whole) == 2 * len(experiment.plan([2]))
+    assert experiment.plan([2]) == [j for j in whole if j["seed"] == 2] and len(whole) == 2 * len(experiment.plan([2])) + 1
     with pytest.raises(SinkguardError, match=r"seeds \[3\] are not in the config's seeds \[1, 2\]"):
         experiment.plan([3])
+    # the base model does not depend on the seed: evaluated once
+    assert [j["seed"] for j in whole if j["stage"] == "evaluation" and j["record"]["defense"] == "base"] == [1]
+    # a post-fine-tuning defense limited to some fine-tuning defenses' models
+    config.post_finetuning = exp_mod.PostFinetuningConfig(defenses=["antidote"], after=["sft"])
+    repaired = [j for j in exp_mod.Experiment(config, tmp_path / "run").plan() if j["stage"] == "post_finetuning"]
+    assert len(repaired) == 2 * 2 and all("/ft-sft-" in "/" + j["from"].split("stages/")[-1] for j in repaired)
+    with pytest.raises(SinkguardError, match="after"):
+        ExperimentConfig(post_finetuning={"defenses": ["antidote"], "after": ["sfft"]})
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text(f"name: c\nmodel: {tiny_dir}\nseeds: [1, 2]\n")
     assert main(["run", str(yaml_file), "--dry-run", "--seeds", "2"]) == 0

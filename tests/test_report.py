@@ -44,6 +44,12 @@ def test_mean_and_interval_over_seeds():
     # one seed: the model's own interval over prompts
     assert rows[("none", None)]["hs_beavertails"] == (0.0, -5.0, 5.0)
     assert rows[("sft", 0.2)]["seeds"] == 3
+    # a count is not a percentage: its interval is not clipped at 100
+    results = _results()
+    for r, heads in zip(results["records"], (180, 0, 190, 0, 200, 0)):
+        r["positive_heads"] = heads
+    mean, lo, hi = {(r["finetuning"], r["poison_ratio"]): r for r in summarize(results)}[("sft", 0.2)]["positive_heads"]
+    assert mean == pytest.approx(190.0) and hi == pytest.approx(190 + half) and hi > 200
 
 
 def test_paired_test_sums_discordant_prompts_over_seeds():

@@ -408,7 +408,8 @@ class FinetuningConfig(TrainingStage):
 
 @dataclass
 class PostFinetuningConfig:
-    """Defenses applied to every fine-tuned model after fine-tuning (e.g. Antidote's pruning)."""
+    """Defenses applied after fine-tuning (e.g. Antidote's pruning) to every fine-tuned model, or to
+    those of the fine-tuning defenses listed in `after`."""
 
     stage: ClassVar[str] = "post_finetuning"
 
@@ -416,9 +417,13 @@ class PostFinetuningConfig:
                                   flag="--defense", single=True)
     options: dict[str, dict[str, Any]] = setting(help="per-defense options {defense: {key: value}}",
                                                  factory=dict)
+    after: list[str] | None = setting(None, help="(study) repair only the models of these fine-tuning defenses "
+                                      "(null: every fine-tuned model)")
 
     def check(self, section: str, label) -> None:
         _check_choice(self.defenses, {"choices": _defenses(self.stage)}, label("defenses"))
+        if self.after is not None:
+            _check_choice(self.after, {"choices": _defenses("finetuning")}, label("after"))
         for name, opts in self.options.items():
             _check_choice(name, {"choices": _defenses(self.stage)}, f"{section}.options")
             self.options[name] = check_options(name, self.stage, opts or {})

@@ -196,7 +196,7 @@ class Experiment:
                                "steps": planned_steps(a.samples, a.batch_size, a.grad_accum, a.epochs, a.max_steps)}
                     train.append(aligned)
                 for task in f.tasks:
-                    if e.evaluate_base and a is not None and aligner == aligners[0]:
+                    if e.evaluate_base and a is not None and aligner == aligners[0] and seed == cfg.seeds[0]:
                         evaluation(base, "base", task, None, seed, "none")
                     if e.evaluate_aligned:
                         evaluation(aligned, "aligned", task, None, seed, aligner)
@@ -211,7 +211,7 @@ class Experiment:
                                                             f.max_steps)}
                             train.append(tuned)
                             evaluation(tuned, defense, task, p, seed, aligner)
-                            for repair in post.defenses:
+                            for repair in post.defenses if post.after is None or defense in post.after else []:
                                 options = post.defense_options(repair)
                                 ph = stage_hash("post_finetuning", h, repair, options)
                                 repaired = {"stage": "post_finetuning", "folder": f"stages/post-{repair}-{ph}",

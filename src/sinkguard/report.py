@@ -172,8 +172,10 @@ def paired_tests(results: dict, metric: str = "hs") -> dict[tuple, dict]:
     return tests
 
 
-def _interval(values: list[float], los: list, his: list) -> tuple[float | None, float | None, float | None]:
-    """Mean over seeds with its t-interval; for one seed, that model's own (Wilson) interval."""
+def _interval(values: list[float], los: list, his: list,
+              upper: float | None = 100.0) -> tuple[float | None, float | None, float | None]:
+    """Mean over seeds with its t-interval (clipped to [0, upper]: percentages by default); for one
+    seed, that model's own (Wilson) interval."""
     from .evaluate.stats import mean_interval
 
     values = [v for v in values if v is not None]
@@ -182,7 +184,7 @@ def _interval(values: list[float], los: list, his: list) -> tuple[float | None, 
     if len(values) == 1:
         return values[0], (los[0] if los else None), (his[0] if his else None)
     mean, lo, hi = mean_interval(values)
-    return mean, max(0.0, lo), min(100.0, hi)
+    return mean, max(0.0, lo), hi if upper is None else min(upper, hi)
 
 
 def _cell(mean, lo, hi) -> str:
@@ -216,7 +218,8 @@ def summarize(results: dict) -> list[dict]:
             row[f"refusal_{name}"] = _interval([d.get("refusal_rate") for d in details], [], [])
         for metric in ("fa", "benign_refusal", "judge_refusal", "positive_heads"):
             row[metric] = _interval([r.get(metric) for r in recs], [r.get(f"{metric}_lo") for r in recs],
-                                    [r.get(f"{metric}_hi") for r in recs])
+                                    [r.get(f"{metric}_hi") for r in recs],
+                                    upper=None if metric == "positive_heads" else 100.0)
         row["hs_test"], row["fa_test"] = hs_tests.get(key), fa_tests.get(key)
         row["judge"] = sorted({str(r.get("judge")) for r in recs})
         rows.append(row)
