@@ -137,6 +137,7 @@ def analyze_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         judge = load_judge(auto_train=True, root=data_root)
     identity = judge_identity(judge)
     rows, stale = [], []
+    measured: dict[tuple[str, str], dict] = {}
     for stage in run_stages(run_dir):
         info, steps = checkpoints(stage)
         run_template = template or info.get("template") or "chat"
@@ -158,10 +159,13 @@ def analyze_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         for step, path in tqdm(steps, desc=f"checkpoints of {stage.name}", unit="ckpt"):
             where = cache / f"step-{step}"
             where.mkdir(parents=True, exist_ok=True)
-            point = analyze_checkpoint(
-                _loadable(path, base, where), where, judge, samples=samples, split=split, hs_sets=list(hs_sets),
-                hs_limit=hs_limit, max_new_tokens=max_new_tokens, batch_size=batch_size, data_root=data_root,
-                template=run_template)
+            key = (path, run_template)
+            if key not in measured:  # runs from one starting model share their step 0
+                measured[key] = analyze_checkpoint(
+                    _loadable(path, base, where), where, judge, samples=samples, split=split,
+                    hs_sets=list(hs_sets), hs_limit=hs_limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    data_root=data_root, template=run_template)
+            point = measured[key]
             stage_rows.append({"finetuning": settings.get("defense", info.get("defense")),
                                "poison_ratio": settings.get("poison_ratio", info.get("poison_ratio_asked")),
                                "seed": settings.get("seed", info.get("config", {}).get("seed")), "step": step,
