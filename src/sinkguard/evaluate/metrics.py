@@ -191,6 +191,8 @@ def corrected_hs(k: int, n: int, judge, source: str | None = "beavertails", seed
         return empty | {"hs_corrected_note": note}
     by_source = {}
     for name, m in sorted(metrics.items()):
+        if isinstance(m, dict) and (m.get("sensitivity") is None or m.get("specificity") is None):
+            continue  # a source of safe (or harmful) rows only measures one of the two
         try:
             point, lo, hi = rogan_gladen_interval(k, n, float(m["sensitivity"]), int(m["n_harmful"]),
                                                   float(m["specificity"]), int(m["n_safe"]), seed=seed)
