@@ -140,3 +140,10 @@ def test_bad_options_are_clear_errors(tmp_path):
         make_config("lisa", "finetuning", tmp_path, alignment_steps=0, finetune_steps=0)
     with pytest.raises(SinkguardError, match="rho"):
         make_config("lisa", "finetuning", tmp_path, rho=-1.0)
+
+
+def test_a_run_of_alignment_steps_only_is_refused(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, make_model(len(tokenizer), seed=3), tmp_path, max_steps=3,
+                       alignment_steps=3, finetune_steps=8)
+    with pytest.raises(SinkguardError, match=r"alignment_steps \(K1 = 3\) >= the run's 3 steps"):
+        trainer.train()

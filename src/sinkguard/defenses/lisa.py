@@ -176,6 +176,12 @@ class LisaTrainer(CheckpointedStateMixin, SinkguardTrainer):
         if not self._warned:
             self._warned = True
             cycle = self.args.alignment_steps + self.args.finetune_steps
+            if self.args.alignment_steps >= self.state.max_steps:
+                raise SinkguardError(
+                    f"Lisa: alignment_steps (K1 = {self.args.alignment_steps}) >= the run's {self.state.max_steps} "
+                    "steps: every step would be an alignment step and the model would never see the fine-tuning "
+                    "data; scale K1 / K2 to the run, e.g. options: {lisa: {alignment_steps: 2, finetune_steps: 8}} "
+                    "for 20 steps")
             if cycle > self.state.max_steps:
                 log.warning("Lisa: alignment_steps + finetune_steps = %d exceeds the run's %d steps; the run "
                             "never completes one alignment/fine-tuning cycle (lower K1/K2)", cycle,
