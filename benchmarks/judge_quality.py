@@ -72,13 +72,12 @@ def _measure_judge(judge, data, root) -> dict:
 def _paired(new: dict, previous: dict) -> dict:
     """Per source, the rows (judged by both) only the new / only the previous judge gets right, with
     the exact McNemar p-value, Holm-corrected over the sources."""
-    from sinkguard.evaluate.stats import holm, mcnemar_exact
+    from sinkguard.evaluate.stats import discordant, holm, mcnemar_exact
 
     out = {}
     for source in new:
         common = sorted(set(new[source]) & set(previous.get(source, {})))
-        b = sum(new[source][k] and not previous[source][k] for k in common)
-        c = sum(previous[source][k] and not new[source][k] for k in common)
+        b, c = discordant([new[source][k] for k in common], [previous[source][k] for k in common])
         out[source] = {"n": len(common), "new_only": b, "previous_only": c, "p": mcnemar_exact(b, c)}
     for source, p_holm in zip(out, holm([m["p"] for m in out.values()])):
         out[source]["p_holm"] = p_holm

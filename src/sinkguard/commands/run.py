@@ -99,6 +99,7 @@ def render_estimates(config, plan: list[dict], devices: int = 1) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..config import coerce
     from ..distributed import world_size
     from ..errors import SinkguardError
     from ..experiment import Experiment, ExperimentConfig
@@ -116,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = None
     if args.seeds is not None:
         try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
+            seeds = coerce(args.seeds, list[int], "--seeds", from_text=True)
+        except SinkguardError:
             raise SinkguardError(f"--seeds takes seeds separated by commas, e.g. 43,44; got {args.seeds!r}") from None
     if args.dry_run:
         if args.devices < 1:
