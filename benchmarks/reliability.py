@@ -94,6 +94,9 @@ CASES = [
     _sg("run {tmp}/latin1.yaml --dry-run", "YAML file not UTF-8"),
     _sg("run {tmp}/syntax.yaml --dry-run", "YAML syntax error"),
     _sg("run {tmp}/missing.yaml --dry-run", "YAML file missing"),
+    _sg("run {tmp}/after.yaml --dry-run", "misspelt defense in `post_finetuning.after`"),
+    _sg("run {tmp}/seeds.yaml --dry-run --seeds two", "--seeds not integers"),
+    _sg("run {tmp}/seeds.yaml --dry-run --seeds 99", "--seeds not among the config's seeds"),
     # data inputs
     _sg(f"align --data-root {{tmp}}/data_latin1 {OUT}", "refusal JSONL not UTF-8"),
     _sg(f"align --data-root {{tmp}}/data_truncated {OUT}", "refusal JSONL cut mid-line"),
@@ -119,6 +122,7 @@ CASES = [
     _sg("judge score --batch-size 0 --input {tmp}/pairs.jsonl --out {tmp}/s.jsonl", "--batch-size 0"),
     _sg("judge train --epochs 0", "--epochs 0"),
     _sg("judge train --refusal-rows -1", "negative --refusal-rows"),
+    _sg("judge train --frozen-layers -1", "negative --frozen-layers"),
     _sg("run {tmp}/judge.yaml", "YAML `judge:` folder missing"),
     # ltsf
     _lt("train --model SegRNN --d_model 511", "--d_model odd for the pmf + channel-id setting"),
@@ -193,6 +197,8 @@ def make_files(tmp: Path) -> None:
         "stage.yaml": "alignment: {defenses: [surgery]}\n",
         "hs.yaml": "evaluation: {hs_sets: [beaver]}\n",
         "escape.yaml": "name: ../x\n",
+        "after.yaml": "post_finetuning: {defenses: [antidote], after: [sfft]}\n",
+        "seeds.yaml": "name: s\nseeds: [43, 44]\n",
         "syntax.yaml": "finetuning: {samples: 3\n",
         "judge.yaml": f"name: j\njudge: {tmp}/nojudge\n",
         "ltsf_scalar.yaml": "experiments:\n  - model: CycleNet\n    grid: {pred_len: 96}\n",
