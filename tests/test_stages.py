@@ -41,7 +41,7 @@ def _train(tiny_dir, out, **overrides):
     return run_stage("finetuning", "sft", tiny_dir, ROWS, out, system_prompt=None, **{**STAGE, **overrides})
 
 
-def test_a_half_finished_stage_resumes_to_the_uninterrupted_weights(tiny_dir, tmp_path, monkeypatch):
+def test_a_half_finished_stage_resumes_to_the_uninterrupted_weights_past_a_cut_off_save(tiny_dir, tmp_path, monkeypatch):
     full = _weights(_train(tiny_dir, tmp_path / "full", save_steps=2))
     original = SinkguardTrainer.training_step
 
@@ -55,6 +55,9 @@ def test_a_half_finished_stage_resumes_to_the_uninterrupted_weights(tiny_dir, tm
         _train(tiny_dir, tmp_path / "cut", save_steps=2)
     assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "cut" / "model").exists()
+    partial = tmp_path / "cut" / "checkpoints" / "checkpoint-3"  # a save cut off by a stopped session
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"cut off")
     steps = []
 
     def count(self, *args, **kwargs):
@@ -63,7 +66,7 @@ def test_a_half_finished_stage_resumes_to_the_uninterrupted_weights(tiny_dir, tm
 
     monkeypatch.setattr(SinkguardTrainer, "training_step", count)
     resumed = _weights(_train(tiny_dir, tmp_path / "cut", save_steps=2))
-    assert steps == [3, 4]  # steps 1-2 came from checkpoint-2
+    assert steps == [3, 4]  # steps 1-2 came from checkpoint-2; the cut-off checkpoint-3 was skipped
     assert full.keys() == resumed.keys()
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)

@@ -114,9 +114,16 @@ def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_le
 
 
 def last_checkpoint(out_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` under `out/checkpoints`, to resume from."""
+    """The newest complete `checkpoint-N` under `out/checkpoints`, to resume from.
+
+    The Trainer writes `trainer_state.json` last, so a folder without it was cut off mid-save (a
+    stopped session): it is deleted, and the run resumes from the checkpoint before it.
+    """
     ckpt = Path(out_dir) / "checkpoints"
     runs = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if ckpt.is_dir() else []
+    while runs and not (runs[-1] / "trainer_state.json").is_file():
+        log.warning("deleting %s: its save was cut off (no trainer_state.json)", runs[-1])
+        shutil.rmtree(runs.pop())
     return str(runs[-1]) if runs else None
 
 
