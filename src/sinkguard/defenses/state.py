@@ -29,16 +29,18 @@ class CheckpointedStateMixin:
         """Take back what `checkpoint_state` saved."""
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # Written before the Trainer's files, so `trainer_state.json` stays the last file of a checkpoint:
+        # `train.last_checkpoint` takes a folder without it for a save cut off by a stopped session.
         saved = self.checkpoint_state()
-        if saved is None or not self.args.should_save:
-            return
-        tensors, metadata = saved
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        path = folder / f"{self.state_file}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        if saved is not None and self.args.should_save:
+            tensors, metadata = saved
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{self.state_file}.safetensors"
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
