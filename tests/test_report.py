@@ -103,7 +103,8 @@ def test_report_refuses_a_damaged_results_file_in_one_line(tmp_path, capsys, con
 
 
 def test_stage_times_lists_every_stage_with_its_source(tmp_path) -> None:
-    """Training, repair and evaluation stages each appear once, labelled by the stage they started from."""
+    """Training, repair and evaluation stages each appear once, labelled by the stage they started from
+    (alignment stages by their seed), with the training stages' mean and last-step loss."""
     from sinkguard.report import stage_times
 
     stages = tmp_path / "stages"
@@ -113,8 +114,13 @@ def test_stage_times_lists_every_stage_with_its_source(tmp_path) -> None:
             "eval-dd": ("eval.json", stages / "post-antidote-cc" / "model", 90.0)}
     for folder, (name, model, wall) in logs.items():
         (stages / folder).mkdir(parents=True)
-        (stages / folder / name).write_text(json.dumps({"model": str(model), "wall_s": wall}))
+        log = {"model": str(model), "wall_s": wall}
+        if name == "train_log.json":
+            log |= {"settings": {"seed": 43}, "train_loss": 1.5,
+                    "log_history": [{"loss": 2.0, "step": 1}, {"loss": 1.25, "step": 2}, {"train_loss": 1.5}]}
+        (stages / folder / name).write_text(json.dumps(log))
     lines = stage_times(tmp_path).splitlines()[2:]
-    assert lines == ["| align-sft | 1.0 |", "| ft-sft-sst2-p0.1-s43 (from align-sft) | 2.0 |",
-                     "| post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft)) | 0.5 |",
-                     "| eval of post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft)) | 1.5 |"]
+    assert lines == ["| align-sft s43 | 1.0 | 1.5000 | 1.2500 |",
+                     "| ft-sft-sst2-p0.1-s43 (from align-sft s43) | 2.0 | 1.5000 | 1.2500 |",
+                     "| post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft s43)) | 0.5 |  |  |",
+                     "| eval of post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft s43)) | 1.5 |  |  |"]

@@ -316,7 +316,7 @@ def write_csv(results: dict, path: str | os.PathLike) -> Path:
 
 def stage_times(run_dir: str | os.PathLike) -> str:
     """Markdown table of every finished stage's own wall time (from its train_log.json, eval.json or
-    repair_log.json)."""
+    repair_log.json) and, for training stages, the training loss: the run's mean and its last logged step."""
     import functools
     import json
 
@@ -328,18 +328,29 @@ def stage_times(run_dir: str | os.PathLike) -> str:
         return {}
 
     def label(folder: Path) -> str:
-        """Stage name without its hash, followed by the stage whose model it started from."""
-        model = Path(str(info(folder).get("model", "")))
+        """Stage name without its hash (alignment stages with their seed), after the stage it started from."""
+        log = info(folder)
+        model = Path(str(log.get("model", "")))
         source = label(model.parent) if model.parent.parent.name == "stages" else ""
         if folder.name.startswith("eval-"):
             return f"eval of {source or model}"
-        return folder.name.rsplit("-", 1)[0] + (f" (from {source})" if source else "")
+        name = folder.name.rsplit("-", 1)[0]
+        seed = (log.get("settings") or {}).get("seed")
+        if folder.name.startswith("align-") and seed is not None:
+            name += f" s{seed}"
+        return name + (f" (from {source})" if source else "")
+
+    def losses(log: dict) -> str:
+        steps = [e["loss"] for e in log.get("log_history", []) if "loss" in e]
+        mean = log.get("train_loss")
+        return " | ".join(f"{v:.4f}" if v is not None else "" for v in (mean, steps[-1] if steps else None))
 
     order = {"align": 0, "ft": 1, "post": 2}
-    rows = sorted((order.get(f.name.split("-")[0], 3), label(f), info(f)["wall_s"])
+    rows = sorted((order.get(f.name.split("-")[0], 3), label(f), info(f)["wall_s"], losses(info(f)))
                   for f in Path(run_dir, "stages").glob("*") if info(f).get("wall_s") is not None)
-    lines = [f"| {name} | {wall / 60:.1f} |" for _, name, wall in rows]
-    return "\n".join(["| stage | wall (min) |", "|---|---|", *lines]) if lines else ""
+    lines = [f"| {name} | {wall / 60:.1f} | {loss} |" for _, name, wall, loss in rows]
+    header = ["| stage | wall (min) | training loss (mean) | training loss (last step) |", "|---|---|---|---|"]
+    return "\n".join([*header, *lines]) if lines else ""
 
 
 def plot_versus_ratio(results: dict, metric: str, path: str | os.PathLike, ylabel: str) -> Path:
@@ -459,7 +470,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         f"Corrected pooled HS under each judge source's sensitivity and specificity:\n\n{corrections}"
         if corrections else "",
         f"Wall time per stage in the last invocation (cached stages count 0): {timing}." if timing else "",
-        f"Wall time of each stage when it ran:\n\n{stages}" if stages else "",
+        f"Wall time and training loss of each stage when it ran:\n\n{stages}" if stages else "",
         "\n".join(f"![{p.stem}]({p.name})" for p in plots),
     ] if part)
     return write_text(run_dir / "report.md", text + "\n")
