@@ -83,8 +83,8 @@ def test_interrupted_experiment_resumes_to_the_same_results(tiny_dir, tmp_path, 
     report = write_report(tmp_path / "b")
     text = report.read_text()
     assert "| sft | surgery | none | sst2 | 0.5 | 1 |" in text and (tmp_path / "b" / "fa.png").is_file()
-    for stage in ("align-sft", "ft-surgery-sst2-p0.5-s1 (from align-sft)",
-                  "eval of ft-sft-sst2-p0.0-s1 (from align-sft)", "eval of align-sft"):
+    for stage in ("align-sft s1", "ft-surgery-sst2-p0.5-s1 (from align-sft s1)",
+                  "eval of ft-sft-sst2-p0.0-s1 (from align-sft s1)", "eval of align-sft s1"):
         assert f"| {stage} | " in text
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert saved["records"] == resumed["records"] and saved["complete"] is True
