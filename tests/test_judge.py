@@ -281,6 +281,24 @@ def test_saved_judge_reloads_with_the_same_identity(probe, toy_data, tmp_path):
         Judge.load(path)
 
 
+def test_identity_ignores_when_and_where_the_judge_was_trained(probe, tmp_path):
+    """A judge retrained on a fresh machine (other time, other folder) keeps its identity, so the
+    verdicts cached under it stay valid; a judge saved under the legacy hash still loads with it."""
+    from sinkguard.evaluate.judge_model import _content_hash
+
+    path = probe.save(tmp_path / "judge")
+    meta = json.loads((path / "judge.json").read_text(encoding="utf-8"))
+    moved = dict(meta, trained_at="2030-01-01T00:00:00", train_seconds=1234.5,
+                 encoder_config=dict(meta["encoder_config"], _name_or_path="/elsewhere", transformers_version="9.9"))
+    state = probe._state()
+    assert _content_hash(state, moved) == _content_hash(state, meta) == probe.identity
+    assert _content_hash(state, dict(meta, threshold=0.7)) != probe.identity
+    legacy = _content_hash(state, meta, legacy=True)
+    assert legacy != probe.identity
+    (path / "judge.json").write_text(json.dumps(dict(meta, identity=legacy)), encoding="utf-8")
+    assert Judge.load(path).identity == legacy
+
+
 def test_missing_judge_and_bad_input_are_user_errors(tmp_path, trained):
     with pytest.raises(SinkguardError, match="sinkguard judge train"):
         load_judge(auto_train=False, path=tmp_path / "nothing")

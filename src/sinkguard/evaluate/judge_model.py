@@ -409,7 +409,8 @@ class Judge:
 
     @property
     def identity(self) -> str:
-        """16 hex digits of sha256 over the weights and the metadata (threshold included)."""
+        """16 hex digits of sha256 over the weights and the metadata that decides verdicts (threshold
+        included; not when or where it was trained)."""
         if self._identity is None:
             self._identity = _content_hash(self._state(), self._meta())
         return self._identity
@@ -487,6 +488,9 @@ class Judge:
                     info={k: v for k, v in meta.items() if k != "format_version"})
         judge.path = path
         if saved_identity is not None and judge.identity != saved_identity:
+            if _content_hash(judge._state(), judge._meta(), legacy=True) == saved_identity:
+                judge._identity = saved_identity  # saved before volatile metadata left the hash
+                return judge
             raise SinkguardError(f"judge in {path} does not match its recorded identity {saved_identity} "
                                  f"(files changed after saving): retrain it with `sinkguard judge train`")
         return judge
@@ -497,9 +501,27 @@ class Judge:
         return HubJudge(model_id, **kwargs)
 
 
-def _content_hash(state: dict[str, torch.Tensor], meta: dict) -> str:
+# Bookkeeping that differs between two trainings of the same judge (when, how long, from which folder,
+# under which transformers release): left out of the identity, so a judge retrained on a fresh machine
+# from the same data and config has the identity of the first and the verdicts cached under it stay valid.
+_VOLATILE_META = ("identity", "trained_at", "train_seconds", "measure_seconds")
+_VOLATILE_ENCODER = ("_name_or_path", "transformers_version")
+
+
+def _content_hash(state: dict[str, torch.Tensor], meta: dict, legacy: bool = False) -> str:
+    """16 hex digits of sha256 over the weights and the metadata that decides verdicts.
+
+    `legacy`: the hash of judges saved before 2026-12-06, over all metadata (a retrained judge never
+    matched it); `load` still accepts it so their cached verdicts stay valid.
+    """
     digest = hashlib.sha256()
-    canonical = json.loads(json.dumps({k: v for k, v in meta.items() if k != "identity"}, default=str))
+    if legacy:
+        kept = {k: v for k, v in meta.items() if k != "identity"}
+    else:
+        kept = {k: v for k, v in meta.items() if k not in _VOLATILE_META}
+        if isinstance(kept.get("encoder_config"), dict):
+            kept["encoder_config"] = {k: v for k, v in kept["encoder_config"].items() if k not in _VOLATILE_ENCODER}
+    canonical = json.loads(json.dumps(kept, default=str))
     digest.update(json.dumps(canonical, sort_keys=True).encode())
     for name in sorted(state):
         tensor = state[name]
