@@ -203,21 +203,28 @@ def write_rows(rows: list[dict], path: Path) -> Path:
 
 
 def plot_heads_vs_hs(rows: list[dict], path: Path, summary: dict) -> Path:
-    """Positive heads (x) against HS (y), one line per run in step order."""
+    """Positive heads (x) against HS (y), one line per run in step order: a colour per (defense, p),
+    a marker per seed, the starting checkpoint circled in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.8, 4.0))
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
     runs: dict[tuple, list[dict]] = {}
     for r in rows:
         runs.setdefault((r["finetuning"], r["poison_ratio"], r["seed"]), []).append(r)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = sorted({k[:2] for k in runs}, key=str)
+    seeds = sorted({k[2] for k in runs}, key=str)
+    markers = "os^DvP*X"
     for (defense, p, seed), points in sorted(runs.items(), key=str):
         points.sort(key=lambda r: r["step"])
-        ax.plot([r["positive_heads"] for r in points], [r["hs"] for r in points], marker="o", markersize=3,
-                label=f"{defense} p={p} seed {seed}")
-        ax.annotate("start", (points[0]["positive_heads"], points[0]["hs"]), fontsize=6)
+        xs, ys = [r["positive_heads"] for r in points], [r["hs"] for r in points]
+        ax.plot(xs, ys, marker=markers[seeds.index(seed) % len(markers)], markersize=3.5, linewidth=1.2,
+                color=cycle[groups.index((defense, p)) % len(cycle)], label=f"{defense} p={p} seed {seed}")
+        ax.plot(xs[:1], ys[:1], marker="o", markersize=8, markerfacecolor="none", markeredgecolor="black",
+                linestyle="none")
     rho = summary.get("spearman_rho")
     title = (f"Spearman rho {rho:.2f} [{summary['rho_lo']:.2f}, {summary['rho_hi']:.2f}]"
              if rho is not None else "Spearman rho: n/a")
@@ -226,7 +233,8 @@ def plot_heads_vs_hs(rows: list[dict], path: Path, summary: dict) -> Path:
     ax.set_ylabel("harmful score (%)")
     ax.grid(alpha=0.3)
     if runs:
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.text(0.01, 0.01, "black circle: first checkpoint", transform=ax.transAxes, fontsize=6)
     fig.tight_layout()
     path = save_figure(fig, path, dpi=120)
     plt.close(fig)
