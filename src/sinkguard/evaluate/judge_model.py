@@ -488,11 +488,10 @@ class Judge:
                     info={k: v for k, v in meta.items() if k != "format_version"})
         judge.path = path
         if saved_identity is not None and judge.identity != saved_identity:
-            if _content_hash(judge._state(), judge._meta(), legacy=True) == saved_identity:
-                judge._identity = saved_identity  # saved before volatile metadata left the hash
-                return judge
-            raise SinkguardError(f"judge in {path} does not match its recorded identity {saved_identity} "
-                                 f"(files changed after saving): retrain it with `sinkguard judge train`")
+            if _content_hash(judge._state(), judge._meta(), legacy=True) != saved_identity:
+                raise SinkguardError(f"judge in {path} does not match its recorded identity {saved_identity} "
+                                     f"(files changed after saving): retrain it with `sinkguard judge train`")
+            judge._identity = saved_identity  # saved before volatile metadata left the hash
         return judge
 
     @staticmethod
