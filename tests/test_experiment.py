@@ -149,6 +149,27 @@ def test_a_study_runs_a_seed_at_a_time(tiny_dir, tmp_path, capsys):
     assert "--seeds takes seeds separated by commas" in capsys.readouterr().err
 
 
+
+def test_a_run_of_some_seeds_keeps_the_other_seeds_results(tiny_dir, tmp_path):
+    config = _config(tiny_dir)
+    config.seeds = [1, 2]
+    config.finetuning.defenses, config.finetuning.poison_ratios = ["sft"], [0.5]
+    config.evaluation.analyze_samples = 0
+    experiment = exp_mod.Experiment(config, tmp_path / "run", judge=KeywordJudge())
+    first = experiment.run([1])
+    assert first["complete"] is False and {r["seed"] for r in first["records"]} == {1}
+    both = experiment.run([2])  # seed 1's records are kept, in plan order: the study reads whole
+    assert both["complete"] is True
+    assert [(r["defense"], r["seed"]) for r in both["records"]] == [
+        ("base", 1), ("aligned", 1), ("sft", 1), ("aligned", 2), ("sft", 2)]
+    assert both["records"][:3] == first["records"]
+    # a kept record needs its evaluation folder: one that is gone (or was made with other settings) is dropped
+    seed1 = [j for j in experiment.plan([1]) if j["stage"] == "evaluation" and j["record"]["defense"] == "sft"]
+    (tmp_path / "run" / seed1[0]["folder"] / "eval.json").unlink()
+    again = experiment.run([2])
+    assert again["complete"] is False and ("sft", 1) not in [(r["defense"], r["seed"]) for r in again["records"]]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["records"] == again["records"]
+
 def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(SinkguardError, match="unknown key"):
         ExperimentConfig(finetuning={"poison": [0.1]})

@@ -43,6 +43,11 @@ SECTIONS = {"alignment": AlignmentConfig, "finetuning": FinetuningConfig,
 TOP_KEYS = ("name", "model", "seeds", "data_root", "hub_datasets", *SECTIONS)
 
 
+def _cell(record: dict) -> tuple:
+    """What identifies a results row: the model's stages, task, poison ratio and seed."""
+    return tuple(record.get(k) for k in ("alignment", "defense", "post", "task", "poison_ratio", "seed"))
+
+
 @dataclass
 class ExperimentConfig:
     """A study: the model, seeds, and the typed settings of each stage (see configs/*.yaml).
@@ -330,7 +335,7 @@ class Experiment:
     def run(self, seeds: list[int] | None = None) -> dict:
         """Run (or resume) every stage of the plan, or only those of `seeds` (a subset of the config's,
         so a long study can be run a seed at a time into the same folder); write and return
-        `results.json` (the records of the stages run)."""
+        `results.json` (every finished cell of the config: those of other seeds are kept)."""
         from .data.sources import hub_sources
 
         with hub_sources(self.config.hub_datasets):
@@ -359,17 +364,31 @@ class Experiment:
                 job["result"] = self._record(job["record"], r)
             timings[job["stage"]] = round(timings.get(job["stage"], 0) + time.time() - t0, 1)
             if job["stage"] == "evaluation":  # cell by cell: a stopped run still has its results so far
-                self._write_results([j["result"] for j in jobs if "result" in j], timings, complete=False)
-        return self._write_results([j["result"] for j in jobs if j["stage"] == "evaluation"], timings,
-                                   complete=seeds is None)
+                self._write_results([j["result"] for j in jobs if "result" in j], timings, seeds)
+        return self._write_results([j["result"] for j in jobs if j["stage"] == "evaluation"], timings, seeds)
 
-    def _write_results(self, records: list[dict], timings: dict, complete: bool) -> dict:
-        """`results.json`: the records in plan order; `complete` is false while cells of the config are missing
-        (a stopped run, or a run of some of its seeds)."""
+    def _write_results(self, records: list[dict], timings: dict, seeds: list[int] | None) -> dict:
+        """`results.json`: the records in plan order. A run of some seeds keeps the file's records of the
+        other seeds whose evaluation folder is still answered for these settings, so a study run a seed at
+        a time reads whole; `complete` is false while cells of the config are missing."""
         cfg = self.config
-        results = {"name": cfg.name, "model": cfg.model, "records": records, "stage_wall_s": timings,
-                   "complete": complete}
-        write_json(self.run_dir / "results.json", results)
+        path = self.run_dir / "results.json"
+        wanted = [job for job in self.plan() if job["stage"] == "evaluation"]
+        cells: dict[tuple, dict] = {}
+        if seeds is not None and path.is_file():
+            try:
+                previous = json.loads(path.read_text(encoding="utf-8")).get("records", [])
+            except (ValueError, AttributeError):
+                log.warning("%s is not a results file: the records of seeds other than %s are not kept", path, seeds)
+                previous = []
+            answered = {_cell(job["record"]) for job in wanted if (self.run_dir / job["folder"] / "eval.json").is_file()}
+            cells = {_cell(r): r for r in previous
+                     if isinstance(r, dict) and r.get("seed") not in seeds and _cell(r) in answered}
+        cells |= {_cell(r): r for r in records}
+        kept = [cells[_cell(job["record"])] for job in wanted if _cell(job["record"]) in cells]
+        results = {"name": cfg.name, "model": cfg.model, "records": kept, "stage_wall_s": timings,
+                   "complete": len(kept) == len(wanted)}
+        write_json(path, results)
         return results
 
     @staticmethod

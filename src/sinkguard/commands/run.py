@@ -22,7 +22,7 @@ def register(sub) -> None:
                         "(FSDP full shard / ZeRO-3; LoRA runs under DDP, unsharded) (default 1)")
     p.add_argument("--seeds", default=None, metavar="S[,S...]",
                    help="run only these of the config's seeds now (the others later, into the same folder); "
-                        "results.json and the report then cover these seeds")
+                        "results.json keeps the other seeds' finished cells")
     add_overwrite(p)
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
     p.set_defaults(func=run)
