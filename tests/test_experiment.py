@@ -149,7 +149,6 @@ def test_a_study_runs_a_seed_at_a_time(tiny_dir, tmp_path, capsys):
     assert "--seeds takes seeds separated by commas" in capsys.readouterr().err
 
 
-
 def test_a_run_of_some_seeds_keeps_the_other_seeds_results(tiny_dir, tmp_path):
     config = _config(tiny_dir)
     config.seeds = [1, 2]
@@ -169,6 +168,7 @@ def test_a_run_of_some_seeds_keeps_the_other_seeds_results(tiny_dir, tmp_path):
     again = experiment.run([2])
     assert again["complete"] is False and ("sft", 1) not in [(r["defense"], r["seed"]) for r in again["records"]]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["records"] == again["records"]
+
 
 def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(SinkguardError, match="unknown key"):
