@@ -344,6 +344,8 @@ class Experiment:
     def _run(self, seeds: list[int] | None = None) -> dict:
         cfg = self.config
         jobs = self.plan(seeds)
+        whole = jobs if seeds is None else self.plan()
+        earlier = self._earlier_records(whole, seeds)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         timings: dict[str, float] = {}
@@ -364,31 +366,35 @@ class Experiment:
                 job["result"] = self._record(job["record"], r)
             timings[job["stage"]] = round(timings.get(job["stage"], 0) + time.time() - t0, 1)
             if job["stage"] == "evaluation":  # cell by cell: a stopped run still has its results so far
-                self._write_results([j["result"] for j in jobs if "result" in j], timings, seeds)
-        return self._write_results([j["result"] for j in jobs if j["stage"] == "evaluation"], timings, seeds)
+                self._write_results(whole, earlier + [j["result"] for j in jobs if "result" in j], timings)
+        return self._write_results(whole, earlier + [j["result"] for j in jobs if j["stage"] == "evaluation"], timings)
 
-    def _write_results(self, records: list[dict], timings: dict, seeds: list[int] | None) -> dict:
-        """`results.json`: the records in plan order. A run of some seeds keeps the file's records of the
-        other seeds whose evaluation folder is still answered for these settings, so a study run a seed at
-        a time reads whole; `complete` is false while cells of the config are missing."""
+    def _earlier_records(self, whole: list[dict], seeds: list[int] | None) -> list[dict]:
+        """The results.json records of the seeds not run now whose evaluation folder is still answered for
+        these settings: kept, so a study run a seed at a time reads whole (none for a run of every seed)."""
+        from .report import load_results
+
+        if seeds is None or not (self.run_dir / "results.json").is_file():
+            return []
+        try:
+            previous = load_results(self.run_dir)["records"]
+        except SinkguardError as err:
+            log.warning("%s; the records of seeds other than %s are not kept", err, seeds)
+            return []
+        answered = {_cell(job["record"]) for job in whole if job["stage"] == "evaluation"
+                    and job["seed"] not in seeds and (self.run_dir / job["folder"] / "eval.json").is_file()}
+        return [r for r in previous if _cell(r) in answered]
+
+    def _write_results(self, whole: list[dict], records: list[dict], timings: dict) -> dict:
+        """`results.json`: the records in the plan's order; `complete` is false while cells of the config
+        (`whole`, its full plan) are missing."""
         cfg = self.config
-        path = self.run_dir / "results.json"
-        wanted = [job for job in self.plan() if job["stage"] == "evaluation"]
-        cells: dict[tuple, dict] = {}
-        if seeds is not None and path.is_file():
-            try:
-                previous = json.loads(path.read_text(encoding="utf-8")).get("records", [])
-            except (ValueError, AttributeError):
-                log.warning("%s is not a results file: the records of seeds other than %s are not kept", path, seeds)
-                previous = []
-            answered = {_cell(job["record"]) for job in wanted if (self.run_dir / job["folder"] / "eval.json").is_file()}
-            cells = {_cell(r): r for r in previous
-                     if isinstance(r, dict) and r.get("seed") not in seeds and _cell(r) in answered}
-        cells |= {_cell(r): r for r in records}
-        kept = [cells[_cell(job["record"])] for job in wanted if _cell(job["record"]) in cells]
+        cells = {_cell(r): r for r in records}
+        wanted = [_cell(job["record"]) for job in whole if job["stage"] == "evaluation"]
+        kept = [cells[c] for c in wanted if c in cells]
         results = {"name": cfg.name, "model": cfg.model, "records": kept, "stage_wall_s": timings,
                    "complete": len(kept) == len(wanted)}
-        write_json(path, results)
+        write_json(self.run_dir / "results.json", results)
         return results
 
     @staticmethod
