@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import make_model
 from test_booster import HARMFUL, ROWS, batch_of, make_trainer
 
-from sinkguard.defenses.repnoise import mmd, repnoise_loss, repnoise_terms
+from sinkguard.defenses.repnoise import masked_ce, mmd, repnoise_loss, repnoise_terms
 from sinkguard.errors import SinkguardError
 from sinkguard.train import make_config
 
@@ -88,6 +88,23 @@ def test_repnoise_terms_and_gradients_match_the_official_formula(tokenizer, ckpt
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_ce_runs_the_head_only_on_counted_positions():
+    gen = torch.Generator().manual_seed(3)
+    hidden, lin = torch.randn(2, 6, 4, generator=gen), torch.nn.Linear(4, 10)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    targets = torch.tensor([[-100, 3, 4, 5, -100], [7, 1, -100, 2, 9]])
+    rows = []
+
+    def head(x):
+        rows.append(x.shape[0])
+        return lin(x)
+
+    got = masked_ce(head, hidden, mask, targets, 10, use_checkpoint=False)
+    logits = lin(hidden[:, :-1]) * mask[:, :-1].unsqueeze(-1)
+    torch.testing.assert_close(got, F.cross_entropy(logits.reshape(-1, 10), targets.reshape(-1)))
+    assert sum(rows) == 4  # of 10 positions: 7 have a target, 4 of them unzeroed logits
 
 
 def test_mmd_matches_the_element_wise_definition():

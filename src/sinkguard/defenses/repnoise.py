@@ -9,7 +9,8 @@
 harmless batch differ (the other batch padded with 0 / truncated to the same shape), labels are
 the input ids themselves. The logit lens over every hidden state is the memory hog: here each
 (layer, token chunk) term runs under activation checkpointing, so one layer's logits are alive
-at a time (see docs/methods/repnoise.md for the measured peak).
+at a time (see docs/methods/repnoise.md for the measured peak), and only the positions the loss
+counts go through the LM head (the zeroed ones add their constant log V).
 """
 
 from __future__ import annotations
@@ -106,34 +107,34 @@ def answer_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return labels != -100, labels[:, 1:]
 
 
-def _ce_sum(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, keep: torch.Tensor | None,
-            targets: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of CE(head(h) * keep, targets); `keep` zeroes the logits of masked positions."""
-    logits = head(h).float()
-    if keep is not None:
-        logits = logits * keep.unsqueeze(-1).to(logits.dtype)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+def _ce_sum(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of CE(head(h), targets)."""
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
 
 def masked_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor | None,
-              targets: torch.Tensor, use_checkpoint: bool = True, token_chunk: int = 0) -> torch.Tensor:
+              targets: torch.Tensor, vocab_size: int, use_checkpoint: bool = True,
+              token_chunk: int = 0) -> torch.Tensor:
     """Mean next-token CE of `head(hidden)` at positions 0..T-2 against `targets` (already shifted),
-    logits zeroed where `mask[:, :-1]` is False (official `masked_token_ce_loss`), in token chunks
-    each under activation checkpointing when asked."""
-    h = hidden[:, :-1]
-    keep = mask[:, :-1] if mask is not None else None
-    count = (targets != -100).sum()
-    width = h.size(1)
-    chunk = token_chunk if token_chunk > 0 else max(width, 1)
+    logits zeroed where `mask[:, :-1]` is False (official `masked_token_ce_loss`).
+
+    Only the positions with a target and unzeroed logits go through the head (in token chunks, each
+    under activation checkpointing when asked): a zeroed position's CE is log(vocab_size) with no
+    gradient and an ignored target adds nothing, so value and gradient are the official ones at a
+    fraction of the LM-head cost (padding and the prompt prefix both batches share are skipped)."""
+    valid = targets != -100
+    use = valid if mask is None else valid & mask[:, :-1]
+    rows, wanted = hidden[:, :-1][use], targets[use]
+    chunk = token_chunk if token_chunk > 0 else max(rows.size(0), 1)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, width, chunk):
-        args = (h[:, s:s + chunk], keep[:, s:s + chunk] if keep is not None else None, targets[:, s:s + chunk])
+    for s in range(0, rows.size(0), chunk):
+        args = (rows[s:s + chunk], wanted[s:s + chunk])
         if use_checkpoint and torch.is_grad_enabled():
             total = total + checkpoint(_ce_sum, head, *args, use_reentrant=False)
         else:
             total = total + _ce_sum(head, *args)
-    return total / count.clamp(min=1)
+    total = total + (valid & ~use).sum() * math.log(vocab_size)
+    return total / valid.sum().clamp(min=1)
 
 
 def output_embeddings(model: nn.Module) -> nn.Module:
@@ -217,11 +218,13 @@ def repnoise_terms(model: nn.Module, harmful: dict, harmless: dict, *, mask: str
     head, norm = output_embeddings(model), final_norm(model)
     states = out.hidden_states
     # The model's own logits: the LM head on the last hidden state (already normed by the decoder).
-    harmful_ce = masked_ce(head, states[-1], keep_h, h_targets, use_checkpoint, token_chunk)
-    lens = [masked_ce(lambda x: head(norm(x)), h, keep_h, h_targets, use_checkpoint, token_chunk) for h in states]
+    vocab = head.weight.size(0)
+    harmful_ce = masked_ce(head, states[-1], keep_h, h_targets, vocab, use_checkpoint, token_chunk)
+    lens = [masked_ce(lambda x: head(norm(x)), h, keep_h, h_targets, vocab, use_checkpoint, token_chunk)
+            for h in states]
     harmful_term = (harmful_ce + sum(lens)) / len(states) + 1
     a_out = _hidden_states(model, harmless)
-    harmless_ce = masked_ce(head, a_out.hidden_states[-1], keep_a, a_targets, use_checkpoint, token_chunk)
+    harmless_ce = masked_ce(head, a_out.hidden_states[-1], keep_a, a_targets, vocab, use_checkpoint, token_chunk)
     return {"harmless": harmless_ce, "noise": noise, "harmful": harmful_term}
 
 
