@@ -104,7 +104,8 @@ def test_report_refuses_a_damaged_results_file_in_one_line(tmp_path, capsys, con
 
 def test_stage_times_lists_every_stage_with_its_source(tmp_path) -> None:
     """Training, repair and evaluation stages each appear once, labelled by the stage they started from
-    (alignment stages by their seed), with the training stages' mean and last-step loss."""
+    (alignment stages by their seed), with the training stages' mean over every logged step (not the
+    Trainer's `train_loss`, which forgets the steps before a resume) and last-step loss."""
     from sinkguard.report import stage_times
 
     stages = tmp_path / "stages"
@@ -116,11 +117,21 @@ def test_stage_times_lists_every_stage_with_its_source(tmp_path) -> None:
         (stages / folder).mkdir(parents=True)
         log = {"model": str(model), "wall_s": wall}
         if name == "train_log.json":
-            log |= {"settings": {"seed": 43}, "train_loss": 1.5,
-                    "log_history": [{"loss": 2.0, "step": 1}, {"loss": 1.25, "step": 2}, {"train_loss": 1.5}]}
+            log |= {"settings": {"seed": 43}, "train_loss": 0.625, "resumed_at_step": 1 if folder.startswith("align") else None,
+                    "log_history": [{"loss": 2.0, "step": 1}, {"loss": 1.25, "step": 2}, {"train_loss": 0.625}]}
         (stages / folder / name).write_text(json.dumps(log))
     lines = stage_times(tmp_path).splitlines()[2:]
-    assert lines == ["| align-sft s43 | 1.0 | 1.5000 | 1.2500 |",
-                     "| ft-sft-sst2-p0.1-s43 (from align-sft s43) | 2.0 | 1.5000 | 1.2500 |",
+    assert lines == ["| align-sft s43 (resumed at step 1: wall of that invocation) | 1.0 | 1.6250 | 1.2500 |",
+                     "| ft-sft-sst2-p0.1-s43 (from align-sft s43) | 2.0 | 1.6250 | 1.2500 |",
                      "| post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft s43)) | 0.5 |  |  |",
                      "| eval of post-antidote (from ft-sft-sst2-p0.1-s43 (from align-sft s43)) | 1.5 |  |  |"]
+
+
+def test_mean_logged_loss_weights_each_log_by_the_steps_it_covers() -> None:
+    """With logging every 2 steps and a last log after 1 step: (2 * 3.0 + 2 * 2.0 + 1 * 0.5) / 5."""
+    from sinkguard.report import mean_logged_loss
+
+    history = [{"loss": 3.0, "step": 2}, {"loss": 2.0, "step": 4}, {"eval_loss": 9.0, "step": 4},
+               {"loss": 0.5, "step": 5}, {"train_loss": 1.0, "step": 5}]
+    assert mean_logged_loss(history) == pytest.approx(2.1)
+    assert mean_logged_loss([{"train_runtime": 1.0}]) is None

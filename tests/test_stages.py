@@ -70,6 +70,10 @@ def test_a_half_finished_stage_resumes_to_the_uninterrupted_weights_past_a_cut_o
     assert full.keys() == resumed.keys()
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
+    # The log covers the whole run: the mean loss counts the steps before the resume too
+    logs = [json.loads((tmp_path / run / "train_log.json").read_text()) for run in ("full", "cut")]
+    assert logs[0]["resumed_at_step"] is None and logs[1]["resumed_at_step"] == 2
+    assert logs[1]["train_loss"] == pytest.approx(logs[0]["train_loss"], abs=1e-5)
 
 
 def test_changed_settings_are_refused_and_overwrite_trains_again(tiny_dir, tmp_path):

@@ -314,6 +314,17 @@ def write_csv(results: dict, path: str | os.PathLike) -> Path:
     return write_text(path, buffer.getvalue())
 
 
+def mean_logged_loss(log_history: list[dict]) -> float | None:
+    """Mean training loss over every logged step, each log weighted by the steps it covers; unlike the
+    Trainer's `training_loss`, it counts the steps before a resume too."""
+    total = steps = previous = 0
+    for entry in log_history:
+        if "loss" in entry:
+            covered = entry["step"] - previous
+            total, steps, previous = total + entry["loss"] * covered, steps + covered, entry["step"]
+    return total / steps if steps else None
+
+
 def stage_times(run_dir: str | os.PathLike) -> str:
     """Markdown table of every finished stage's own wall time (from its train_log.json, eval.json or
     repair_log.json) and, for training stages, the training loss: the run's mean and its last logged step."""
@@ -342,11 +353,15 @@ def stage_times(run_dir: str | os.PathLike) -> str:
 
     def losses(log: dict) -> str:
         steps = [e["loss"] for e in log.get("log_history", []) if "loss" in e]
-        mean = log.get("train_loss")
+        mean = mean_logged_loss(log.get("log_history", []))
+        mean = log.get("train_loss") if mean is None else mean
         return " | ".join(f"{v:.4f}" if v is not None else "" for v in (mean, steps[-1] if steps else None))
 
     order = {"align": 0, "ft": 1, "post": 2}
-    rows = sorted((order.get(f.name.split("-")[0], 3), label(f), info(f)["wall_s"], losses(info(f)))
+    def resumed(log: dict) -> str:
+        return f" (resumed at step {log['resumed_at_step']}: wall of that invocation)" if log.get("resumed_at_step") else ""
+
+    rows = sorted((order.get(f.name.split("-")[0], 3), label(f) + resumed(info(f)), info(f)["wall_s"], losses(info(f)))
                   for f in Path(run_dir, "stages").glob("*") if info(f).get("wall_s") is not None)
     lines = [f"| {name} | {wall / 60:.1f} | {loss} |" for _, name, wall, loss in rows]
     header = ["| stage | wall (min) | training loss (mean) | training loss (last step) |", "|---|---|---|---|"]

@@ -27,6 +27,7 @@ from .distributed import check_launch, check_trainer, has_accelerator
 from .errors import SinkguardError
 from .io import write_json
 from .models import load_model, load_tokenizer, resolve
+from .report import mean_logged_loss
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +242,12 @@ def run_stage(
         trained.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, final)
+        mean_loss = mean_logged_loss(trainer.state.log_history)  # the Trainer's own forgets a resume's first part
         write_json(out / "train_log.json", {
             "stage": stage, "defense": defense, "model": str(model_name), **data_summary,
             "lora": lora, "system_prompt": system_prompt, "template": template, "wall_s": round(time.time() - start, 1),
-            "train_loss": result.training_loss, "settings": settings or {}, "processes": args.world_size,
+            "train_loss": result.training_loss if mean_loss is None else mean_loss,
+            "resumed_at_step": int(Path(resume).name.split("-")[-1]) if resume else None, "settings": settings or {}, "processes": args.world_size,
             "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
             "log_history": trainer.state.log_history,
         })
