@@ -358,6 +358,7 @@ def stage_times(run_dir: str | os.PathLike) -> str:
         return " | ".join(f"{v:.4f}" if v is not None else "" for v in (mean, steps[-1] if steps else None))
 
     order = {"align": 0, "ft": 1, "post": 2}
+
     def resumed(log: dict) -> str:
         return f" (resumed at step {log['resumed_at_step']}: wall of that invocation)" if log.get("resumed_at_step") else ""
 
