@@ -114,6 +114,11 @@ def tokenize_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_le
     return out, summary
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer step of a Trainer `checkpoint-N` folder."""
+    return int(Path(path).name.split("-")[-1])
+
+
 def last_checkpoint(out_dir: str | os.PathLike) -> str | None:
     """The newest complete `checkpoint-N` under `out/checkpoints`, to resume from.
 
@@ -121,7 +126,7 @@ def last_checkpoint(out_dir: str | os.PathLike) -> str | None:
     stopped session): it is deleted, and the run resumes from the checkpoint before it.
     """
     ckpt = Path(out_dir) / "checkpoints"
-    runs = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if ckpt.is_dir() else []
+    runs = sorted(ckpt.glob("checkpoint-*"), key=checkpoint_step) if ckpt.is_dir() else []
     while runs and not (runs[-1] / "trainer_state.json").is_file():
         log.warning("deleting %s: its save was cut off (no trainer_state.json)", runs[-1])
         shutil.rmtree(runs.pop())
@@ -247,7 +252,8 @@ def run_stage(
             "stage": stage, "defense": defense, "model": str(model_name), **data_summary,
             "lora": lora, "system_prompt": system_prompt, "template": template, "wall_s": round(time.time() - start, 1),
             "train_loss": result.training_loss if mean_loss is None else mean_loss,
-            "resumed_at_step": int(Path(resume).name.split("-")[-1]) if resume else None, "settings": settings or {}, "processes": args.world_size,
+            "resumed_at_step": checkpoint_step(resume) if resume else None,
+            "settings": settings or {}, "processes": args.world_size,
             "config": {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
             "log_history": trainer.state.log_history,
         })
